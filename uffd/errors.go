@@ -1,0 +1,198 @@
+//go:build linux
+
+package uffd
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Errors callers branch on with errors.Is. Every error returned by an [FD] operation is an
+// [*OpError] that matches one of these (where one applies) and also the raw unix.Errno.
+var (
+	// ErrPartial: the operation did part of the range (OpError.Done bytes) and stopped; resume
+	// at OpError.Resume(). The kernel reports this as EAGAIN with a positive result field.
+	ErrPartial = errors.New("uffd: stopped part-way")
+	// ErrEventsPending: a non-cooperative event (REMOVE, UNMAP, REMAP, FORK) is in flight and the
+	// memory layout may be changing; read the pending events and retry. The kernel reports this as
+	// EAGAIN with the result field set to -EAGAIN, or (WRITEPROTECT) with no result field.
+	ErrEventsPending = errors.New("uffd: events pending, layout changing")
+	// ErrExist: the first page of the range is already mapped (EEXIST). For a fault handler this
+	// means the fault is resolved: wake the range and move on.
+	ErrExist = errors.New("uffd: page already mapped")
+	// ErrNotRegistered: the range is not (or no longer) registered with this userfaultfd, or is
+	// unmapped (ENOENT). After it, wake the range: a thread may sleep on a fault that raced with
+	// the unregistration.
+	ErrNotRegistered = errors.New("uffd: range not registered")
+	// ErrProcessGone: the process whose memory this userfaultfd serves has exited (ESRCH, or
+	// ENOMEM from REGISTER/UNREGISTER).
+	ErrProcessGone = errors.New("uffd: process gone")
+	// ErrInvalid: the kernel rejected the arguments (EINVAL); OpError.Detail says what was wrong.
+	ErrInvalid = errors.New("uffd: invalid argument")
+	// ErrUnsupported: this kernel does not offer what was asked (an unknown feature bit, an ioctl
+	// or mode the memory type does not support).
+	ErrUnsupported = errors.New("uffd: not supported by this kernel or memory type")
+	// ErrPermission: the caller lacks the privilege (EPERM/EACCES); OpError.Detail gives advice.
+	ErrPermission = errors.New("uffd: permission denied")
+	// ErrClosed: the FD was closed.
+	ErrClosed = os.ErrClosed
+)
+
+// OpError describes a failed userfaultfd operation: which one, on which range, how far it got
+// and why. It matches the package's sentinel errors and the underlying unix.Errno with errors.Is.
+type OpError struct {
+	Op    string     // the ioctl, e.g. "UFFDIO_COPY"
+	Start uintptr    // the destination range
+	Len   uintptr    //
+	Done  uintptr    // bytes completed before the failure (partial progress)
+	Errno unix.Errno // the errno as the kernel returned it
+	// Detail explains the failure where the package can tell more than the errno: which
+	// argument was invalid, whether the kernel ran the operation at all, advice on privileges.
+	Detail string
+	kind   error // one of the sentinels, or nil
+}
+
+func (e *OpError) Error() string {
+	var b strings.Builder
+	b.WriteString("uffd: ")
+	b.WriteString(e.Op)
+	if e.Len != 0 || e.Start != 0 {
+		fmt.Fprintf(&b, " [%#x, %#x)", e.Start, e.Start+e.Len)
+	}
+	if e.Done != 0 {
+		fmt.Fprintf(&b, ": %d of %d bytes done, resume at %#x", e.Done, e.Len, e.Start+e.Done)
+	}
+	b.WriteString(": ")
+	b.WriteString(e.Errno.Error())
+	if e.Detail != "" {
+		b.WriteString(" (")
+		b.WriteString(e.Detail)
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+// Unwrap lets errors.Is match both the sentinel (ErrExist, ...) and the errno (unix.EEXIST, ...).
+func (e *OpError) Unwrap() []error {
+	if e.kind == nil {
+		return []error{e.Errno}
+	}
+	return []error{e.kind, e.Errno}
+}
+
+// Resume is the address at which to retry after partial progress.
+func (e *OpError) Resume() uintptr { return e.Start + e.Done }
+
+// resultUntouched is written into an ioctl's result field before the call. The kernel writes
+// either a byte count or a negative errno there once the operation ran; finding the sentinel
+// afterwards means the kernel failed before running it (validation, ESRCH, mmap_changing on
+// WRITEPROTECT). No byte count or errno can equal it.
+const resultUntouched = -1 << 62
+
+// resolveErr turns the outcome of a resolving ioctl (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) into
+// an OpError, following the kernel's result-field contract (kernel-abi.md §1.9):
+//   - EAGAIN and result > 0: partial progress of result bytes;
+//   - EAGAIN and result == -EAGAIN: events pending (mmap_changing);
+//   - result untouched: the kernel failed before running (validation, ESRCH);
+//   - result == -errno: it ran and failed on the first page.
+func resolveErr(op string, start, length uintptr, mode, knownModes uint64, errno unix.Errno, result int64) *OpError {
+	e := &OpError{Op: op, Start: start, Len: length, Errno: errno}
+	if result > 0 {
+		e.Done = uintptr(result)
+	}
+	ran := result != resultUntouched
+	switch errno {
+	case unix.EAGAIN:
+		if result > 0 {
+			e.kind = ErrPartial
+			e.Detail = "the rest of the range needs another call"
+		} else {
+			e.kind = ErrEventsPending
+			e.Detail = "read pending events, then retry"
+		}
+	case unix.EEXIST:
+		e.kind = ErrExist
+	case unix.ENOENT:
+		e.kind = ErrNotRegistered
+		e.Detail = "not registered with this userfaultfd, or unmapped; wake the range"
+	case unix.ESRCH:
+		e.kind = ErrProcessGone
+	case unix.EINVAL:
+		e.kind = ErrInvalid
+		e.Detail = invalidDetail(start, length, mode, knownModes, ran)
+	case unix.EFAULT:
+		if ran {
+			e.Detail = "source unreadable, or no page in the page cache (CONTINUE)"
+		}
+	case unix.EBUSY:
+		e.Detail = "source page shared (fork, KSM) or pinned"
+	case unix.EINTR:
+		if result > 0 {
+			e.kind = ErrPartial
+		}
+	}
+	return e
+}
+
+// invalidDetail names what was wrong with arguments the kernel answered EINVAL to. It runs only
+// on the error path.
+func invalidDetail(start, length uintptr, mode, knownModes uint64, ran bool) string {
+	pg := uintptr(os.Getpagesize())
+	switch {
+	case length == 0:
+		return "length is zero"
+	case start%pg != 0:
+		return fmt.Sprintf("start %#x is not page-aligned", start)
+	case length%pg != 0:
+		return fmt.Sprintf("length %#x is not a multiple of the page size", length)
+	case mode&^knownModes != 0:
+		return fmt.Sprintf("unknown mode bits %#x", mode&^knownModes)
+	case ran:
+		return "rejected for this range: huge page alignment, a mode the registration lacks (WP), " +
+			"or an operation this memory type does not support"
+	default:
+		return "range outside the address space, or mode not allowed"
+	}
+}
+
+// rangeErr builds the error of a range ioctl without a result field (REGISTER, UNREGISTER, WAKE,
+// WRITEPROTECT).
+func rangeErr(op string, start, length uintptr, mode, knownModes uint64, errno unix.Errno) *OpError {
+	e := &OpError{Op: op, Start: start, Len: length, Errno: errno}
+	switch errno {
+	case unix.EINVAL:
+		e.kind = ErrInvalid
+		e.Detail = invalidDetail(start, length, mode, knownModes, false)
+		if op == "UFFDIO_REGISTER" && e.Detail == "range outside the address space, or mode not allowed" {
+			e.Detail = "no mapping in range, a memory type this mode does not support " +
+				"(MINOR on anonymous memory, regular files), or hugetlb range not huge-page aligned"
+		}
+		if op == "UFFDIO_WRITEPROTECT" && WriteprotectMode(mode) == WriteprotectWP|WriteprotectDontWake {
+			e.Detail = "WP and DONTWAKE together"
+		}
+	case unix.ENOENT:
+		e.kind = ErrNotRegistered
+		if op == "UFFDIO_WRITEPROTECT" {
+			e.Detail = "part of the range is not registered with ModeWP (the part before it may have changed)"
+		}
+	case unix.ESRCH:
+		e.kind = ErrProcessGone
+	case unix.ENOMEM:
+		if op == "UFFDIO_REGISTER" || op == "UFFDIO_UNREGISTER" {
+			e.kind = ErrProcessGone
+			e.Detail = "the process owning the memory has exited (or out of memory)"
+		}
+	case unix.EAGAIN:
+		e.kind = ErrEventsPending
+	case unix.EBUSY:
+		e.Detail = "a mapping in the range is registered with another userfaultfd"
+	case unix.EPERM:
+		e.kind = ErrPermission
+		e.Detail = "a mapping in the range is not writable (MAP_SHARED of a read-only file, sealed memfd)"
+	}
+	return e
+}

@@ -1,0 +1,318 @@
+//go:build linux
+
+package uffd
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// DevicePath is the misc device that creates userfaultfds by file permission (Linux 6.1+).
+const DevicePath = "/dev/userfaultfd"
+
+// Options control how [Open] creates a userfaultfd.
+type Options struct {
+	// UserModeOnly creates the fd with UFFD_USER_MODE_ONLY: faults raised inside the kernel
+	// (syscalls copying to user memory, GUP, KVM) fail with EFAULT instead of being reported.
+	// Unprivileged callers may create only such fds when vm.unprivileged_userfaultfd is 0.
+	UserModeOnly bool
+	// FallbackUserModeOnly creates a user-mode-only fd when the kernel refuses a full one for
+	// lack of privilege. Check FD.UserModeOnly afterwards. Never use it for VMM memory: KVM
+	// reads guest memory from inside the kernel.
+	FallbackUserModeOnly bool
+	// Blocking creates the fd without O_NONBLOCK: Read blocks in read(2) on its thread instead
+	// of parking in the netpoller, and Close does not interrupt it. poll(2) on such an fd always
+	// reports POLLERR.
+	Blocking bool
+	// NoDevice skips /dev/userfaultfd and uses the userfaultfd(2) system call only.
+	NoDevice bool
+}
+
+// FD is a userfaultfd. It owns the file descriptor: Close closes it, which also wakes every
+// thread blocked on a fault it was serving (they retry without it).
+//
+// The ioctl methods may be called from any goroutine, concurrently. They must not race with
+// Close.
+type FD struct {
+	file         *os.File
+	fd           int
+	blocking     bool
+	userModeOnly bool
+	origin       string
+	closed       atomic.Bool
+	handshaken   atomic.Bool
+}
+
+// Open creates a userfaultfd with O_CLOEXEC (and O_NONBLOCK unless opts.Blocking), trying
+// /dev/userfaultfd first and the system call second. The fd still needs its handshake, [FD.API].
+func Open(opts Options) (*FD, error) {
+	flags := unix.O_CLOEXEC
+	if !opts.Blocking {
+		flags |= unix.O_NONBLOCK
+	}
+	if opts.UserModeOnly {
+		flags |= userModeOnlyFlag
+	}
+	fd, origin, err := create(flags, opts.NoDevice)
+	if err != nil && opts.FallbackUserModeOnly && !opts.UserModeOnly && errors.Is(err, ErrPermission) {
+		fd, origin, err = create(flags|userModeOnlyFlag, opts.NoDevice)
+		if err == nil {
+			opts.UserModeOnly = true
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	f := newFD(fd, origin, opts.Blocking)
+	f.userModeOnly = opts.UserModeOnly
+	return f, nil
+}
+
+func create(flags int, noDevice bool) (int, string, error) {
+	var devErr error
+	if !noDevice {
+		dev, err := unix.Open(DevicePath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err == nil {
+			fd, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(dev), reqNew, uintptr(flags))
+			unix.Close(dev)
+			if errno == 0 {
+				return int(fd), DevicePath, nil
+			}
+			devErr = errno
+		} else {
+			devErr = err
+		}
+	}
+	fd, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, uintptr(flags), 0, 0)
+	if errno == 0 {
+		return int(fd), "userfaultfd(2)", nil
+	}
+	e := &OpError{Op: "userfaultfd", Errno: errno}
+	switch errno {
+	case unix.EPERM, unix.EACCES:
+		e.kind = ErrPermission
+		e.Detail = "needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1, access to " + DevicePath +
+			", or UFFD_USER_MODE_ONLY"
+	case unix.ENOSYS:
+		e.kind = ErrUnsupported
+		e.Detail = "kernel built without CONFIG_USERFAULTFD, or blocked by seccomp"
+	case unix.EINVAL:
+		e.kind = ErrInvalid
+		e.Detail = fmt.Sprintf("flags %#x refused", flags)
+	}
+	if devErr != nil {
+		e.Detail += "; " + DevicePath + ": " + devErr.Error()
+	}
+	return -1, "", e
+}
+
+func newFD(fd int, origin string, blocking bool) *FD {
+	f := &FD{fd: fd, origin: origin, blocking: blocking}
+	// os.NewFile registers a non-blocking fd with the netpoller, so Read parks the goroutine
+	// instead of a thread and Close wakes it.
+	f.file = os.NewFile(uintptr(fd), "userfaultfd")
+	return f
+}
+
+// NewFD takes ownership of fd, an existing userfaultfd: one received from another process over
+// SCM_RIGHTS (as Firecracker sends it), inherited, or from a fork event. It switches the open
+// file description to non-blocking (shared with every other holder of it) unless blocking is
+// true. The handshake is assumed done, as it is for fds received from a VMM.
+func NewFD(fd int, blocking bool) (*FD, error) {
+	link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	if err != nil {
+		return nil, fmt.Errorf("uffd: fd %d: %w", fd, err)
+	}
+	if link != "anon_inode:[userfaultfd]" {
+		return nil, fmt.Errorf("uffd: fd %d is %q, not a userfaultfd", fd, link)
+	}
+	if err := unix.SetNonblock(fd, !blocking); err != nil {
+		return nil, fmt.Errorf("uffd: fd %d: set O_NONBLOCK: %w", fd, err)
+	}
+	f := newFD(fd, "received", blocking)
+	f.handshaken.Store(true)
+	return f, nil
+}
+
+// Fd returns the file descriptor number. It stays owned by f.
+func (f *FD) Fd() int { return f.fd }
+
+// UserModeOnly reports whether f was created with UFFD_USER_MODE_ONLY.
+func (f *FD) UserModeOnly() bool { return f.userModeOnly }
+
+// Origin says how the fd came to be: "/dev/userfaultfd", "userfaultfd(2)" or "received".
+func (f *FD) Origin() string { return f.origin }
+
+// Close closes the userfaultfd. Threads blocked on its faults are woken and retry without it (if
+// no other process holds the fd); a goroutine blocked in Read returns ErrClosed. Closing twice
+// returns nil.
+func (f *FD) Close() error {
+	if f.closed.Swap(true) {
+		return nil
+	}
+	return f.file.Close()
+}
+
+// APIResult is the kernel's answer to the handshake.
+type APIResult struct {
+	// Supported is every feature this kernel supports, not just the requested ones. The enabled
+	// set is in [FD.Info].
+	Supported Feature
+	// Ioctls are the ioctls usable on the fd itself (REGISTER, UNREGISTER, API).
+	Ioctls Ioctls
+}
+
+// API performs the UFFDIO_API handshake, enabling the features requested. It must be the first
+// ioctl on a new fd and can be done once per fd: to learn what the kernel supports before
+// choosing, use [SupportedFeatures], which asks on a throwaway fd.
+func (f *FD) API(features Feature) (APIResult, error) {
+	a := apiArg{api: APIVersion, features: uint64(features)}
+	errno := f.ioctl(reqAPI, unsafe.Pointer(&a))
+	if errno != 0 {
+		e := &OpError{Op: "UFFDIO_API", Errno: errno}
+		switch errno {
+		case unix.EINVAL:
+			e.kind = ErrInvalid
+			switch {
+			case f.handshaken.Load():
+				e.Detail = "the handshake is allowed once per fd"
+			default:
+				if sup, err := SupportedFeatures(); err == nil && features&^sup != 0 {
+					e.kind = ErrUnsupported
+					e.Detail = fmt.Sprintf("features %v not supported by this kernel", features&^sup)
+				} else {
+					e.Detail = "the handshake is allowed once per fd"
+				}
+			}
+		case unix.EPERM:
+			e.kind = ErrPermission
+			e.Detail = "EVENT_FORK needs CAP_SYS_PTRACE"
+		case unix.EBADF:
+			e.kind = ErrClosed
+		}
+		return APIResult{}, e
+	}
+	f.handshaken.Store(true)
+	return APIResult{Supported: Feature(a.features), Ioctls: Ioctls(a.ioctls)}, nil
+}
+
+// apiRaw issues UFFDIO_API with an arbitrary api number; tests use it to pin the kernel's checks.
+func (f *FD) apiRaw(api uint64, features Feature) (apiArg, unix.Errno) {
+	a := apiArg{api: api, features: uint64(features)}
+	errno := f.ioctl(reqAPI, unsafe.Pointer(&a))
+	return a, errno
+}
+
+// SupportedFeatures asks the kernel which features it supports, on a throwaway fd (the handshake
+// works once per fd). It needs no privilege: the throwaway fd is user-mode-only where need be.
+func SupportedFeatures() (Feature, error) {
+	f, err := Open(Options{FallbackUserModeOnly: true})
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	r, err := f.API(0)
+	if err != nil {
+		return 0, err
+	}
+	return r.Supported, nil
+}
+
+// ioctl issues one ioctl on the fd; the argument must stay alive across the call.
+func (f *FD) ioctl(req uintptr, arg unsafe.Pointer) unix.Errno {
+	if f.closed.Load() {
+		return unix.EBADF
+	}
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), req, uintptr(arg))
+	runtime.KeepAlive(f)
+	return errno
+}
+
+// Info is what /proc/self/fdinfo tells about a userfaultfd.
+type Info struct {
+	// Enabled are the features in force on this fd: those requested at handshake, plus the
+	// ones the kernel implies (WP_ASYNC brings WP_UNPOPULATED).
+	Enabled Feature
+	// Initialized reports whether the handshake was done.
+	Initialized bool
+	// Pending counts fault messages not read yet; Total counts those plus faults read but not
+	// resolved.
+	Pending, Total uint64
+	// Ioctls as the kernel lists them in fdinfo.
+	Ioctls Ioctls
+}
+
+// Info reads the fd's state from /proc/self/fdinfo — the only place the kernel shows the
+// enabled feature set (UFFDIO_API answers with the supported set).
+func (f *FD) Info() (Info, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", f.fd))
+	if err != nil {
+		return Info{}, fmt.Errorf("uffd: read fdinfo: %w", err)
+	}
+	return parseFDInfo(string(b))
+}
+
+// ctxInitialized is the bit the kernel keeps in ctx->features once the handshake is done.
+const ctxInitialized = 1 << 31
+
+// parseFDInfo parses the userfaultfd part of an fdinfo file:
+//
+//	pending:	0
+//	total:	0
+//	API:	aa:80000002:8000000000000003
+func parseFDInfo(s string) (Info, error) {
+	var in Info
+	var sawAPI bool
+	for _, line := range strings.Split(s, "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		switch k {
+		case "pending":
+			if _, err := fmt.Sscan(v, &in.Pending); err != nil {
+				return Info{}, fmt.Errorf("uffd: fdinfo pending %q: %w", v, err)
+			}
+		case "total":
+			if _, err := fmt.Sscan(v, &in.Total); err != nil {
+				return Info{}, fmt.Errorf("uffd: fdinfo total %q: %w", v, err)
+			}
+		case "API":
+			parts := strings.Split(v, ":")
+			if len(parts) != 3 {
+				return Info{}, fmt.Errorf("uffd: fdinfo API line %q", v)
+			}
+			var api, feat, ioctls uint64
+			for i, p := range []*uint64{&api, &feat, &ioctls} {
+				if _, err := fmt.Sscanf(parts[i], "%x", p); err != nil {
+					return Info{}, fmt.Errorf("uffd: fdinfo API field %q: %w", parts[i], err)
+				}
+			}
+			if api != APIVersion {
+				return Info{}, fmt.Errorf("uffd: fdinfo API %#x, want %#x", api, APIVersion)
+			}
+			in.Initialized = feat&ctxInitialized != 0
+			in.Enabled = Feature(feat &^ ctxInitialized)
+			in.Ioctls = Ioctls(ioctls)
+			sawAPI = true
+		}
+	}
+	if !sawAPI {
+		return Info{}, errors.New("uffd: fdinfo has no API line: not a userfaultfd")
+	}
+	return in, nil
+}
+
+var _ syscall.Conn = (*FD)(nil)
+
+// SyscallConn gives raw access to the fd for polling it alongside other fds.
+func (f *FD) SyscallConn() (syscall.RawConn, error) { return f.file.SyscallConn() }

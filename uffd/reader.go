@@ -1,0 +1,118 @@
+//go:build linux
+
+package uffd
+
+import (
+	"errors"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Reader reads messages from an FD into caller-owned buffers, many per read(2), without
+// allocating. On a non-blocking fd (the default) a Read with nothing pending parks the goroutine
+// in Go's netpoller; Close on the FD wakes it with ErrClosed. On a blocking fd Read blocks its
+// thread in read(2).
+//
+// A Reader is for one goroutine at a time; make one per reading goroutine.
+type Reader struct {
+	f      *FD
+	rc     syscall.RawConn
+	buf    []byte
+	n      int
+	errno  error
+	readFn func(fd uintptr) bool // bound once, so Read does not allocate a closure
+}
+
+// NewReader returns a Reader of f's messages.
+func (f *FD) NewReader() (*Reader, error) {
+	r := &Reader{f: f}
+	if !f.blocking {
+		rc, err := f.file.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		r.rc = rc
+	}
+	r.readFn = r.readOnce
+	return r, nil
+}
+
+func (r *Reader) readOnce(fd uintptr) bool {
+	for {
+		n, err := unix.Read(int(fd), r.buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return false // park in the netpoller until the fd is readable
+		}
+		r.n, r.errno = n, err
+		return true
+	}
+}
+
+// Read fills msgs with at least one message, waiting for one if none is pending, and returns how
+// many it read. len(msgs) must be at least 1.
+func (r *Reader) Read(msgs []Msg) (int, error) {
+	if len(msgs) == 0 {
+		return 0, errors.New("uffd: Read with an empty buffer")
+	}
+	if r.f.closed.Load() {
+		return 0, ErrClosed
+	}
+	r.buf = unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize)
+	r.n, r.errno = 0, nil
+	if r.rc == nil {
+		r.readFn(uintptr(r.f.fd))
+		for r.errno == nil && r.n == 0 { // a blocking fd returns EAGAIN only if made non-blocking elsewhere
+			r.readFn(uintptr(r.f.fd))
+		}
+	} else if err := r.rc.Read(r.readFn); err != nil {
+		r.buf = nil
+		return 0, r.mapErr(err)
+	}
+	r.buf = nil
+	if r.errno != nil {
+		return 0, r.mapErr(r.errno)
+	}
+	return r.n / MsgSize, nil
+}
+
+// TryRead reads the messages pending now, without waiting: 0 and nil when there are none.
+func (r *Reader) TryRead(msgs []Msg) (int, error) {
+	if len(msgs) == 0 {
+		return 0, errors.New("uffd: TryRead with an empty buffer")
+	}
+	if r.f.closed.Load() {
+		return 0, ErrClosed
+	}
+	for {
+		n, err := unix.Read(r.f.fd, unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize))
+		switch err {
+		case nil:
+			return n / MsgSize, nil
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return 0, nil
+		}
+		return 0, r.mapErr(err)
+	}
+}
+
+func (r *Reader) mapErr(err error) error {
+	if r.f.closed.Load() {
+		return ErrClosed
+	}
+	if errors.Is(err, unix.EINVAL) {
+		return &OpError{Op: "read", Errno: unix.EINVAL, kind: ErrInvalid, Detail: "handshake (UFFDIO_API) not done"}
+	}
+	return err
+}
+
+// SetReadDeadline makes Read on a non-blocking fd return os.ErrDeadlineExceeded after t; the
+// zero time clears it.
+func (f *FD) SetReadDeadline(t time.Time) error { return f.file.SetReadDeadline(t) }
