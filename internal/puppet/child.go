@@ -97,6 +97,24 @@ func (c *child) send(r Reply, fds []int) {
 	}
 }
 
+// extraOps are commands defined in other files of this package (one file per group of tests),
+// registered from init functions with registerOp.
+var extraOps = map[string]func(c *child, r *Request) (Reply, []int){}
+
+func registerOp(name string, fn func(c *child, r *Request) (Reply, []int)) {
+	if extraOps[name] != nil {
+		panic("puppet: op registered twice: " + name)
+	}
+	extraOps[name] = fn
+}
+
+// currentUffd is the userfaultfd the child made last, or nil.
+func (c *child) currentUffd() *uffd.FD {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.uffd
+}
+
 func (c *child) area(id int) (*memory.Area, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -262,6 +280,9 @@ func (c *child) do(r *Request) (rep Reply, fds []int) {
 	case "sleep":
 		time.Sleep(time.Duration(r.Len) * time.Millisecond)
 		return Reply{}, nil
+	}
+	if op := extraOps[r.Op]; op != nil {
+		return op(c, r)
 	}
 	return fail(fmt.Errorf("unknown op %q", r.Op))
 }

@@ -32,6 +32,10 @@ type Request struct {
 	Stride  int    `json:"stride,omitempty"`
 	Data    []byte `json:"data,omitempty"`
 	Expect  int    `json:"expect,omitempty"`
+
+	// Free-form arguments for ops defined outside child.go.
+	Ints []int64 `json:"ints,omitempty"`
+	Str  string  `json:"str,omitempty"`
 }
 
 // Reply answers a Request with the same ID. Err is non-empty when the command failed.
@@ -55,6 +59,8 @@ type Reply struct {
 	Pagemap   []uint64 `json:"pagemap,omitempty"`
 	Status    int      `json:"status,omitempty"`
 	NumFDs    int      `json:"num_fds,omitempty"`
+	Ints      []int64  `json:"ints,omitempty"`
+	Str       string   `json:"str,omitempty"`
 }
 
 // Byte is the content of byte off of a pattern-filled source with the given seed: what a
