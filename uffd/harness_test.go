@@ -208,11 +208,11 @@ type handler struct {
 	onEvent func(h *handler, m *uffd.Msg)
 
 	missing, wp, minor, events atomic.Int64
-	errs                        chan error
-	stop                        chan struct{}
-	wg                          sync.WaitGroup
-	mu                          sync.Mutex
-	seen                        []uffd.Msg
+	errs                       chan error
+	stop                       chan struct{}
+	wg                         sync.WaitGroup
+	mu                         sync.Mutex
+	seen                       []uffd.Msg
 }
 
 func (h *handler) run() {
