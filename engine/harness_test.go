@@ -1,0 +1,172 @@
+//go:build linux
+
+package engine_test
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/source"
+	"github.com/faultline-go/faultline/uffd"
+)
+
+// requireKernel fails under FAULTLINE_REQUIRE_KERNEL=1 (CI) and skips otherwise.
+func requireKernel(t testing.TB, why string) {
+	t.Helper()
+	if os.Getenv("FAULTLINE_REQUIRE_KERNEL") == "1" {
+		t.Fatalf("kernel test cannot run: %s (FAULTLINE_REQUIRE_KERNEL=1)", why)
+	}
+	t.Skip(why)
+}
+
+// needHugePages makes sure n default-size huge pages are free, raising the pool for the test.
+func needHugePages(t testing.TB, n int) {
+	t.Helper()
+	h, err := memory.ReadHugePages()
+	if err != nil {
+		requireKernel(t, "no hugetlb: "+err.Error())
+	}
+	if h.Free >= n {
+		return
+	}
+	const path = "/proc/sys/vm/nr_hugepages"
+	old, err := os.ReadFile(path)
+	if err != nil {
+		requireKernel(t, err.Error())
+	}
+	if err := os.WriteFile(path, []byte(strings.TrimSpace(itoa(h.Total+n-h.Free))), 0); err != nil {
+		requireKernel(t, "cannot reserve hugepages: "+err.Error())
+	}
+	t.Cleanup(func() { os.WriteFile(path, []byte(strings.TrimSpace(string(old))), 0) })
+	if h, _ = memory.ReadHugePages(); h.Free < n {
+		requireKernel(t, "could not reserve enough hugepages")
+	}
+}
+
+func itoa(n int) string {
+	if n == 0 {
+		return "0"
+	}
+	var b []byte
+	for ; n > 0; n /= 10 {
+		b = append([]byte{byte('0' + n%10)}, b...)
+	}
+	return string(b)
+}
+
+// vm is a puppet child playing the VMM: memory of one kind, registered on a uffd it created
+// and sent over, as Firecracker does.
+type vm struct {
+	t        testing.TB
+	p        *puppet.Puppet
+	area     int
+	addr     uintptr
+	size     int
+	pageSize int
+	fd       *uffd.FD
+}
+
+func newVM(t testing.TB, kind memory.Kind, size int, features uffd.Feature, mode uffd.RegisterMode) *vm {
+	t.Helper()
+	if kind.Huge() {
+		needHugePages(t, size/(2<<20)+8)
+	}
+	p, err := puppet.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Kill)
+	v := &vm{t: t, p: p}
+	rep, fds, err := p.Do(puppet.Request{Op: "map", Kind: kind.String(), Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	v.area, v.addr, v.size, v.pageSize = rep.Area, uintptr(rep.Addr), rep.Size, rep.PageSize
+	_, fds, err = p.Do(puppet.Request{Op: "uffd", Features: uint64(features)})
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("uffd: %v (%d fds)", err, len(fds))
+	}
+	if v.fd, err = uffd.NewFD(fds[0], false); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := p.Do(puppet.Request{Op: "register", Area: v.area, Mode: uint64(mode)}); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// region describes the whole VM area served from src at offset 0.
+func (v *vm) region(src source.Source) engine.Region {
+	return engine.Region{Name: "mem", Base: v.addr, Size: uintptr(v.size), PageSize: uintptr(v.pageSize), Source: src}
+}
+
+func (v *vm) do(req puppet.Request) puppet.Reply {
+	v.t.Helper()
+	req.Area = v.area
+	rep, _, err := v.p.Do(req)
+	if err != nil {
+		v.t.Fatalf("%s: %v", req.Op, err)
+	}
+	return rep
+}
+
+func (v *vm) start(req puppet.Request) *puppet.Call {
+	v.t.Helper()
+	req.Area = v.area
+	c, err := v.p.Go(req)
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	return c
+}
+
+// patternSource returns a memory source of size bytes holding the pattern of seed.
+func patternSource(t testing.TB, size int, seed uint64) *source.Memory {
+	b, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(b) })
+	puppet.Fill(b, seed, 0)
+	return source.NewMemory(b)
+}
+
+// serve runs an engine over v until the test ends; it returns the engine and a function that
+// stops it and returns Run's error.
+func serve(t testing.TB, v *vm, regions []engine.Region, opts engine.Options) (*engine.Engine, func() error) {
+	t.Helper()
+	e, err := engine.New(v.fd, regions, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.fd = nil // owned by the engine now
+	errc := make(chan error, 1)
+	go func() { errc <- e.Run(context.Background()) }()
+	var stopped bool
+	var runErr error
+	stop := func() error {
+		if !stopped {
+			stopped = true
+			e.Close()
+			select {
+			case runErr = <-errc:
+			case <-time.After(10 * time.Second):
+				runErr = context.DeadlineExceeded
+			}
+		}
+		return runErr
+	}
+	t.Cleanup(func() { stop() })
+	return e, stop
+}

@@ -1,0 +1,109 @@
+package engine
+
+import (
+	"math/bits"
+	"sync/atomic"
+	"time"
+)
+
+// Stats are a region's counters since the engine started serving it. Counters only grow, so they
+// export as Prometheus counters; Latency exports as a histogram.
+type Stats struct {
+	Region string
+
+	Faults     uint64 // page-fault messages read (duplicates included)
+	Missing    uint64 // MISSING faults
+	WP         uint64 // write-protect faults (unprotected and marked dirty)
+	Minor      uint64 // MINOR faults (resolved with CONTINUE)
+	Duplicates uint64 // faults on pages already installed (each faulting thread reports its own)
+
+	PagesFault   uint64 // pages installed for the faulting page itself
+	PagesAround  uint64 // pages installed ahead of faults (fault-around)
+	PagesZero    uint64 // pages installed as zero pages (removed ranges, known-zero source runs)
+	PagesRemoved uint64 // pages dropped by REMOVE events
+	Bytes        uint64 // bytes copied from the source
+
+	Retries uint64 // ioctls retried because events were pending (EAGAIN)
+	Errors  uint64 // faults that failed (source errors, unexpected errnos)
+
+	Latency Histogram // from reading the fault to the page installed
+}
+
+type counters struct {
+	faults, missing, wp, minor, duplicates           atomic.Uint64
+	pagesFault, pagesAround, pagesZero, pagesRemoved atomic.Uint64
+	bytes, retries, errors                           atomic.Uint64
+	latency                                          histogram
+}
+
+func (c *counters) snapshot(name string) Stats {
+	return Stats{
+		Region: name, Faults: c.faults.Load(), Missing: c.missing.Load(), WP: c.wp.Load(),
+		Minor: c.minor.Load(), Duplicates: c.duplicates.Load(), PagesFault: c.pagesFault.Load(),
+		PagesAround: c.pagesAround.Load(), PagesZero: c.pagesZero.Load(),
+		PagesRemoved: c.pagesRemoved.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
+		Errors: c.errors.Load(), Latency: c.latency.snapshot(),
+	}
+}
+
+// latencyBuckets is the number of histogram buckets: powers of two from 256 ns to ~34 s, plus
+// one for everything above.
+const latencyBuckets = 28
+
+// Histogram is a latency distribution with power-of-two bucket bounds.
+type Histogram struct {
+	// Bounds[i] is the inclusive upper bound of bucket i; the last bucket has no bound.
+	Bounds []time.Duration
+	// Counts[i] is the number of observations in bucket i (not cumulative).
+	Counts []uint64
+	Count  uint64
+	Sum    time.Duration
+}
+
+type histogram struct {
+	counts [latencyBuckets]atomic.Uint64
+	count  atomic.Uint64
+	sum    atomic.Int64
+}
+
+func (h *histogram) observe(d time.Duration) {
+	ns := uint64(max(d, 0))
+	i := 0
+	if ns > 256 {
+		i = min(bits.Len64((ns-1)>>8), latencyBuckets-1)
+	}
+	h.counts[i].Add(1)
+	h.count.Add(1)
+	h.sum.Add(int64(d))
+}
+
+func (h *histogram) snapshot() Histogram {
+	s := Histogram{Bounds: make([]time.Duration, latencyBuckets-1), Counts: make([]uint64, latencyBuckets)}
+	for i := range s.Bounds {
+		s.Bounds[i] = time.Duration(256 << i)
+	}
+	for i := range s.Counts {
+		s.Counts[i] = h.counts[i].Load()
+	}
+	s.Count, s.Sum = h.count.Load(), time.Duration(h.sum.Load())
+	return s
+}
+
+// Quantile estimates the q-quantile (0..1) as the upper bound of the bucket it falls in.
+func (h Histogram) Quantile(q float64) time.Duration {
+	if h.Count == 0 {
+		return 0
+	}
+	rank := uint64(q*float64(h.Count) + 0.5)
+	var seen uint64
+	for i, c := range h.Counts {
+		seen += c
+		if seen >= rank && c > 0 {
+			if i < len(h.Bounds) {
+				return h.Bounds[i]
+			}
+			break
+		}
+	}
+	return h.Bounds[len(h.Bounds)-1] * 2
+}

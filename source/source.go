@@ -1,0 +1,82 @@
+package source
+
+import (
+	"fmt"
+	"io"
+)
+
+// Source is a memory image.
+type Source interface {
+	io.ReaderAt
+	// Size is the image's length in bytes.
+	Size() int64
+	io.Closer
+}
+
+// Resident is a Source whose bytes are mapped in this process and can be read without I/O
+// errors surfacing at this layer (a file mapping reads through the page cache).
+type Resident interface {
+	Source
+	// Bytes returns the image bytes [off, off+n). The slice aliases the source; it stays valid
+	// until Close. off and n are within Size.
+	Bytes(off, n int64) []byte
+}
+
+// Zeros is implemented by sources that know which runs of the image are all zero.
+type Zeros interface {
+	// ZeroRun returns how many bytes from off, up to n, are known to be zero (0 if the byte at
+	// off is not known to be zero).
+	ZeroRun(off, n int64) int64
+}
+
+// Memory is an image held in a byte slice.
+type Memory struct{ b []byte }
+
+// NewMemory returns a Source over b, which must not change while the engine serves it.
+func NewMemory(b []byte) *Memory { return &Memory{b: b} }
+
+func (m *Memory) Size() int64               { return int64(len(m.b)) }
+func (m *Memory) Bytes(off, n int64) []byte { return m.b[off : off+n] }
+func (m *Memory) Close() error              { return nil }
+
+func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(m.b)) {
+		return 0, fmt.Errorf("source: read at %d outside image of %d bytes", off, len(m.b))
+	}
+	n := copy(p, m.b[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// Zero is an all-zero image of a given size; every run is installed with ZEROPAGE.
+type Zero struct{ size int64 }
+
+// NewZero returns an all-zero Source of size bytes.
+func NewZero(size int64) *Zero { return &Zero{size: size} }
+
+func (z *Zero) Size() int64  { return z.size }
+func (z *Zero) Close() error { return nil }
+
+func (z *Zero) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > z.size {
+		return 0, fmt.Errorf("source: read at %d outside image of %d bytes", off, z.size)
+	}
+	n := int64(len(p))
+	if off+n > z.size {
+		n = z.size - off
+	}
+	clear(p[:n])
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+func (z *Zero) ZeroRun(off, n int64) int64 { return min(n, z.size-off) }
+
+var (
+	_ Resident = (*Memory)(nil)
+	_ Zeros    = (*Zero)(nil)
+)
