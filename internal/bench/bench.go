@@ -1,0 +1,333 @@
+//go:build linux
+
+// Package bench measures fault serving end to end, the way production splits it: a child
+// process (the puppet, standing in for a VMM) owns the memory, creates the userfaultfd,
+// registers the region and passes the fd over a Unix socket; this process serves the faults;
+// the child's threads touch the pages and time themselves. The same child, workload and source
+// are measured with the Go engine, with a minimal C handler (cref.c, compiled with the
+// machine's C compiler), and with bulk UFFDIO_COPY and no faults at all, so the numbers of one
+// run compare as ratios.
+package bench
+
+import (
+	"bufio"
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/source"
+	"github.com/faultline-go/faultline/uffd"
+)
+
+//go:embed cref/handler.c
+var crefSource []byte
+
+// Case is one measurement.
+type Case struct {
+	Handler     string `json:"handler"`      // "go", "c" or "bulk"
+	Size        int    `json:"size"`         // bytes of memory touched
+	Pattern     string `json:"pattern"`      // "seq" or "rand"
+	Threads     int    `json:"threads"`      // touching threads in the child
+	FaultAround int    `json:"fault_around"` // pages per fault; 0 = adaptive (Go only)
+	MaxAround   int    `json:"max_around"`   // adaptive ceiling
+	Source      string `json:"source"`       // "file" or "mem"
+	Workers     int    `json:"workers"`      // Go engine workers
+	Spin        int    `json:"spin"`         // Go engine SpinReads
+}
+
+// Result is a Case measured.
+type Result struct {
+	Case
+	NsPerPage      float64 `json:"ns_per_page"`
+	Pages          int     `json:"pages"`
+	Faults         uint64  `json:"faults"`
+	NsPerFault     float64 `json:"ns_per_fault,omitempty"`
+	P50Ns          int64   `json:"p50_ns,omitempty"`
+	P99Ns          int64   `json:"p99_ns,omitempty"`
+	EngineBytes    int64   `json:"engine_bytes,omitempty"`
+	AllocsPerFault float64 `json:"allocs_per_fault"`
+	Wrong          int     `json:"wrong_pages"`
+	// Ratio is NsPerPage over the reference's (RatioTo), measured in the same run.
+	Ratio   float64 `json:"ratio,omitempty"`
+	RatioTo string  `json:"ratio_to,omitempty"`
+}
+
+// Label names a result's case briefly, e.g. "c seq x1 k64".
+func (r Result) Label() string {
+	return fmt.Sprintf("%s %s x%d k%d", r.Handler, r.Pattern, r.Threads, r.FaultAround)
+}
+
+// Env holds what the cases share: the snapshot file and the compiled C handler.
+type Env struct {
+	dir      string
+	snapshot string
+	size     int
+	cref     string // path of the compiled C handler, "" if no compiler
+	CrefErr  error
+	mem      []byte
+}
+
+// Seed is the pattern every case serves and verifies.
+const Seed = 0x5eed
+
+// NewEnv writes a pattern snapshot of size bytes and compiles the C handler if it can.
+func NewEnv(size int) (*Env, error) {
+	dir, err := os.MkdirTemp("", "faultline-bench-")
+	if err != nil {
+		return nil, err
+	}
+	e := &Env{dir: dir, size: size, snapshot: filepath.Join(dir, "snapshot.mem")}
+	e.mem, err = unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		e.Close()
+		return nil, fmt.Errorf("bench: source memory: %w", err)
+	}
+	puppet.Fill(e.mem, Seed, 0)
+	if err := os.WriteFile(e.snapshot, e.mem, 0o600); err != nil {
+		e.Close()
+		return nil, fmt.Errorf("bench: snapshot: %w", err)
+	}
+	e.cref, e.CrefErr = compileCref(dir)
+	return e, nil
+}
+
+// HasC reports whether the C reference could be built.
+func (e *Env) HasC() bool { return e.cref != "" }
+
+// Close removes the environment's files.
+func (e *Env) Close() {
+	if e.mem != nil {
+		unix.Munmap(e.mem)
+	}
+	os.RemoveAll(e.dir)
+}
+
+func compileCref(dir string) (string, error) {
+	cc := os.Getenv("CC")
+	if cc == "" {
+		cc = "cc"
+	}
+	if _, err := exec.LookPath(cc); err != nil {
+		return "", fmt.Errorf("no C compiler (%s): %w", cc, err)
+	}
+	src := filepath.Join(dir, "cref.c")
+	if err := os.WriteFile(src, crefSource, 0o600); err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "cref")
+	out, err := exec.Command(cc, "-O2", "-o", bin, src).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%s cref.c: %v: %s", cc, err, out)
+	}
+	return bin, nil
+}
+
+// target is the child with its registered region and the uffd it sent.
+type target struct {
+	p    *puppet.Puppet
+	area int
+	addr uintptr
+	size int
+	fd   *uffd.FD
+}
+
+func newTarget(size int) (*target, error) {
+	p, err := puppet.Start()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{p: p}
+	rep, _, err := p.Do(puppet.Request{Op: "map", Kind: "anon", Size: size})
+	if err != nil {
+		p.Kill()
+		return nil, err
+	}
+	t.area, t.addr, t.size = rep.Area, uintptr(rep.Addr), rep.Size
+	_, fds, err := p.Do(puppet.Request{Op: "uffd"})
+	if err != nil || len(fds) != 1 {
+		p.Kill()
+		return nil, fmt.Errorf("bench: uffd from child: %v", err)
+	}
+	if t.fd, err = uffd.NewFD(fds[0], false); err != nil {
+		p.Kill()
+		return nil, err
+	}
+	if _, _, err := p.Do(puppet.Request{Op: "register", Area: t.area, Mode: uint64(uffd.ModeMissing)}); err != nil {
+		t.close()
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *target) close() {
+	if t.fd != nil {
+		t.fd.Close()
+	}
+	t.p.Kill()
+}
+
+func (t *target) touch(c Case) (puppet.Reply, error) {
+	call, err := t.p.Go(puppet.Request{Op: "touch", Area: t.area, Threads: c.Threads, Order: c.Pattern,
+		Verify: "pattern-sample", Seed: Seed})
+	if err != nil {
+		return puppet.Reply{}, err
+	}
+	rep, _, err := call.Wait(10 * time.Minute)
+	return rep, err
+}
+
+// Run measures one case.
+func (e *Env) Run(c Case) (Result, error) {
+	if c.Size > e.size {
+		return Result{}, fmt.Errorf("bench: case size %d beyond the snapshot's %d", c.Size, e.size)
+	}
+	c.Threads = max(c.Threads, 1)
+	switch c.Handler {
+	case "go":
+		return e.runGo(c)
+	case "c":
+		return e.runC(c)
+	case "bulk":
+		return e.runBulk(c)
+	}
+	return Result{}, fmt.Errorf("bench: unknown handler %q", c.Handler)
+}
+
+func (e *Env) source(c Case) (source.Source, error) {
+	if c.Source == "mem" {
+		return source.NewMemory(e.mem[:c.Size]), nil
+	}
+	return source.OpenFile(e.snapshot)
+}
+
+func (e *Env) runGo(c Case) (Result, error) {
+	t, err := newTarget(c.Size)
+	if err != nil {
+		return Result{}, err
+	}
+	defer t.close()
+	src, err := e.source(c)
+	if err != nil {
+		return Result{}, err
+	}
+	defer src.Close()
+	fa := engine.FaultAround{Min: 1, Max: max(c.FaultAround, 1)}
+	if c.FaultAround == 0 {
+		fa = engine.FaultAround{Min: 1, Max: max(c.MaxAround, 1), Adaptive: true}
+	}
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	eng, err := engine.New(t.fd, []engine.Region{{Name: "mem", Base: t.addr, Size: uintptr(t.size), PageSize: 4096, Source: src}},
+		engine.Options{Workers: c.Workers, FaultAround: fa, SpinReads: c.Spin})
+	if err != nil {
+		return Result{}, err
+	}
+	t.fd = nil
+	runtime.ReadMemStats(&after)
+	engineBytes := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	errc := make(chan error, 1)
+	go func() { errc <- eng.Run(context.Background()) }()
+	runtime.ReadMemStats(&before)
+	rep, err := t.touch(c)
+	runtime.ReadMemStats(&after)
+	eng.Close()
+	if rerr := <-errc; rerr != nil && err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	st := eng.Stats()[0]
+	r := Result{Case: c, Pages: rep.Pages, NsPerPage: float64(rep.Ns) / float64(rep.Pages), Faults: st.Faults,
+		P50Ns: int64(st.Latency.Quantile(0.5)), P99Ns: int64(st.Latency.Quantile(0.99)),
+		EngineBytes: engineBytes, Wrong: rep.Mismatch}
+	if st.Faults > 0 {
+		r.NsPerFault = float64(rep.Ns) / float64(st.Faults)
+		r.AllocsPerFault = float64(after.Mallocs-before.Mallocs) / float64(st.Faults)
+	}
+	return r, nil
+}
+
+func (e *Env) runC(c Case) (Result, error) {
+	if e.cref == "" {
+		return Result{}, fmt.Errorf("bench: C reference unavailable: %v", e.CrefErr)
+	}
+	if c.FaultAround == 0 {
+		return Result{}, errors.New("bench: the C reference has no adaptive fault-around")
+	}
+	t, err := newTarget(c.Size)
+	if err != nil {
+		return Result{}, err
+	}
+	defer t.close()
+	f := os.NewFile(uintptr(t.fd.Fd()), "uffd")
+	cmd := exec.Command(e.cref, strconv.FormatUint(uint64(t.addr), 10), strconv.Itoa(t.size), strconv.Itoa(c.FaultAround), e.snapshot)
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return Result{}, err
+	}
+	if err := cmd.Start(); err != nil {
+		return Result{}, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		return Result{}, fmt.Errorf("bench: C handler did not start: %q %v", line, err)
+	}
+	rep, err := t.touch(c)
+	if err != nil {
+		return Result{}, err
+	}
+	pages := rep.Pages
+	faults := uint64((pages + c.FaultAround - 1) / c.FaultAround)
+	if c.Pattern == "rand" {
+		faults = 0 // unknown: the C handler does not count
+	}
+	return Result{Case: c, Pages: pages, NsPerPage: float64(rep.Ns) / float64(pages), Faults: faults, Wrong: rep.Mismatch}, nil
+}
+
+// runBulk installs the whole region with UFFDIO_COPY in 2 MiB chunks before any touch: the
+// floor for serving the same bytes without faults.
+func (e *Env) runBulk(c Case) (Result, error) {
+	t, err := newTarget(c.Size)
+	if err != nil {
+		return Result{}, err
+	}
+	defer t.close()
+	src, err := e.source(c)
+	if err != nil {
+		return Result{}, err
+	}
+	defer src.Close()
+	res := src.(source.Resident)
+	const chunk = 2 << 20
+	start := time.Now()
+	for off := 0; off < c.Size; off += chunk {
+		n := min(chunk, c.Size-off)
+		b := res.Bytes(int64(off), int64(n))
+		if _, err := t.fd.Copy(t.addr+uintptr(off), addrOf(b), uintptr(n), 0); err != nil {
+			return Result{}, err
+		}
+	}
+	ns := time.Since(start).Nanoseconds()
+	pages := c.Size / 4096
+	// Verify what landed (no faults now: every page is present).
+	rep, err := t.touch(c)
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Case: c, Pages: pages, NsPerPage: float64(ns) / float64(pages), Wrong: rep.Mismatch}, nil
+}

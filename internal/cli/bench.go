@@ -1,0 +1,150 @@
+//go:build linux
+
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/faultline-go/faultline/internal/bench"
+)
+
+func init() {
+	register(&Command{
+		Name:    "bench",
+		Summary: "measure fault serving against a C handler and bulk UFFDIO_COPY, as ratios",
+		Run:     runBench,
+	})
+}
+
+func runBench(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("bench", "[flags]\n\n"+
+		"Bench runs a child process that creates the userfaultfd, registers anonymous memory and\n"+
+		"passes the fd over a Unix socket (the Firecracker split); this process serves its faults.\n"+
+		"Each case runs with the Go engine and, where comparable, with a minimal C handler (built\n"+
+		"with cc) and bulk UFFDIO_COPY, so the ratios of one run are what to compare.\n"+
+		"Without --pattern, --threads or --fault-around it runs the standard suite.", stderr)
+	size := fs.String("size", "256M", "memory touched per case (K, M, G suffixes)")
+	pattern := fs.String("pattern", "", "touch order: seq or rand (default: the suite)")
+	threads := fs.Int("threads", 0, "touching threads (default: the suite)")
+	around := fs.String("fault-around", "", "pages per fault, or 'adaptive' (default: the suite)")
+	maxAround := fs.Int("max-around", 256, "adaptive fault-around ceiling in pages")
+	src := fs.String("source", "file", "source: file (a snapshot in the page cache) or mem")
+	handlers := fs.String("handler", "go,c", "handlers to compare: go, c, bulk")
+	workers := fs.Int("workers", 1, "engine workers")
+	spin := fs.Int("spin", 0, "engine read spins before parking")
+	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
+	asJSON := fs.Bool("json", false, "print one JSON object per case")
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
+	}
+	sz, err := parseSize(*size)
+	if err != nil {
+		fmt.Fprintln(stderr, "faultline bench:", err)
+		return 2
+	}
+	var cases []bench.Case
+	base := bench.Case{Size: sz, Source: *src, Workers: *workers, Spin: *spin, MaxAround: *maxAround}
+	if *pattern == "" && *threads == 0 && *around == "" {
+		cases = bench.Suite(base)
+	} else {
+		c := base
+		c.Pattern, c.Threads = *pattern, max(*threads, 1)
+		if c.Pattern == "" {
+			c.Pattern = "seq"
+		}
+		switch *around {
+		case "adaptive":
+			c.FaultAround = 0
+		case "":
+			c.FaultAround = 1
+		default:
+			if c.FaultAround, err = strconv.Atoi(*around); err != nil || c.FaultAround < 1 {
+				fmt.Fprintf(stderr, "faultline bench: --fault-around %q: want a page count or 'adaptive'\n", *around)
+				return 2
+			}
+		}
+		for _, h := range strings.Split(*handlers, ",") {
+			hc := c
+			hc.Handler = h
+			cases = append(cases, hc)
+		}
+	}
+	env, err := bench.NewEnv(sz)
+	if err != nil {
+		fmt.Fprintln(stderr, "faultline bench:", err)
+		return 1
+	}
+	defer env.Close()
+	if !env.HasC() {
+		fmt.Fprintln(stderr, "faultline bench: C reference unavailable, its cases are skipped:", env.CrefErr)
+	}
+	var results []bench.Result
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	if !*asJSON {
+		fmt.Fprintln(tw, "HANDLER\tPATTERN\tTHREADS\tAROUND\tSOURCE\tNS/PAGE\tFAULTS\tP50\tP99\tALLOCS/FAULT\tRATIO")
+	}
+	for _, c := range cases {
+		if c.Handler == "c" && !env.HasC() {
+			continue
+		}
+		r, err := bench.Median(env, c, *reps)
+		if err != nil {
+			fmt.Fprintf(stderr, "faultline bench: %s %s x%d around %d: %v\n", c.Handler, c.Pattern, c.Threads, c.FaultAround, err)
+			return 1
+		}
+		if r.Wrong != 0 {
+			fmt.Fprintf(stderr, "faultline bench: %s served %d wrong pages\n", c.Handler, r.Wrong)
+			return 1
+		}
+		results = append(results, r)
+		if ref, ok := bench.Reference(results, r); ok {
+			r.Ratio = r.NsPerPage / ref.NsPerPage
+			r.RatioTo = ref.Label()
+		}
+		if *asJSON {
+			b, _ := json.Marshal(r)
+			fmt.Fprintln(stdout, string(b))
+			continue
+		}
+		vs := ""
+		if r.RatioTo != "" {
+			vs = fmt.Sprintf("%.2fx %s", r.Ratio, r.RatioTo)
+		}
+		aroundS := strconv.Itoa(c.FaultAround)
+		if c.FaultAround == 0 {
+			aroundS = fmt.Sprintf("adapt<=%d", c.MaxAround)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%s\n", c.Handler, c.Pattern, c.Threads, aroundS, c.Source,
+			r.NsPerPage, r.Faults, r.P50Ns, r.P99Ns, r.AllocsPerFault, vs)
+		tw.Flush()
+	}
+	tw.Flush()
+	return 0
+}
+
+// parseSize parses "256M", "1G", "4096".
+func parseSize(s string) (int, error) {
+	mult := 1
+	switch {
+	case strings.HasSuffix(s, "K"):
+		mult, s = 1<<10, strings.TrimSuffix(s, "K")
+	case strings.HasSuffix(s, "M"):
+		mult, s = 1<<20, strings.TrimSuffix(s, "M")
+	case strings.HasSuffix(s, "G"):
+		mult, s = 1<<30, strings.TrimSuffix(s, "G")
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M or G suffix", s)
+	}
+	n *= mult
+	if n%4096 != 0 {
+		return 0, fmt.Errorf("size %d is not a multiple of 4 KiB", n)
+	}
+	return n, nil
+}
