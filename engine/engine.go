@@ -29,9 +29,16 @@ type Options struct {
 	FaultAround FaultAround
 	// Fetchers is the number of goroutines reading sources that are not resident (default 8).
 	Fetchers int
-	// SpinReads makes a worker that finds no message retry the read this many times before
-	// parking in the netpoller: it trades CPU for latency when faults arrive back to back.
+	// SpinReads is how many times at most a worker that finds no message yields and reads again
+	// before parking in the netpoller (default 32; negative: never). Faults that arrive back to
+	// back — a thread resumed by one install faults on the next page microseconds later — are
+	// then read without a netpoller round trip. The budget adapts: it doubles when a spin finds
+	// a message and halves when it does not, so an idle engine stops spending CPU on it.
 	SpinReads int
+	// PollThread makes each worker keep an OS thread blocked in poll(2) on the fd instead of
+	// parking in the netpoller: the lowest wake-up latency (the C handler's path), at the cost
+	// of one thread per worker.
+	PollThread bool
 	// Logger receives events worth an operator's attention (default: slog.Default()).
 	Logger *slog.Logger
 	// OnFork is called with the engine that serves a forked child's userfaultfd (FORK event),
@@ -93,6 +100,12 @@ func New(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 
 func newEngine(fd *uffd.FD, opts Options) *Engine {
 	opts.Workers = max(opts.Workers, 1)
+	switch {
+	case opts.SpinReads == 0:
+		opts.SpinReads = 32
+	case opts.SpinReads < 0:
+		opts.SpinReads = 0
+	}
 	if opts.Fetchers <= 0 {
 		opts.Fetchers = 8
 	}
@@ -223,11 +236,15 @@ type worker struct {
 	dupRun   int
 	job      fetchJob // a fetch to queue once the lock is released
 	hasJob   bool
+	spin     int  // current spin budget, adapted between 1 and Options.SpinReads
+	locked   bool // PollThread: this goroutine holds its OS thread
+	pfd      []unix.PollFd
 }
 
 func (e *Engine) newWorker() *worker {
 	w := &worker{e: e, msgs: make([]uffd.Msg, 64), deferred: make([]uffd.Pagefault, 0, 64), retry: make([]uffd.Pagefault, 0, 64)}
 	w.readFn = w.readOnce
+	w.spin = e.opts.SpinReads
 	return w
 }
 
@@ -241,6 +258,10 @@ func (w *worker) run() error {
 				time.Sleep(20 * time.Microsecond)
 			} else if w.readErr != nil {
 				return w.readErr
+			}
+		} else if e.opts.PollThread {
+			if err := w.pollRead(); err != nil {
+				return err
 			}
 		} else {
 			w.n, w.readErr = 0, nil
@@ -270,6 +291,28 @@ func (w *worker) run() error {
 	return nil
 }
 
+// pollRead waits for messages in poll(2) on this goroutine's own thread, then reads a batch.
+func (w *worker) pollRead() error {
+	e := w.e
+	if !w.locked {
+		runtime.LockOSThread()
+		w.locked = true
+		w.pfd = []unix.PollFd{{Fd: int32(e.fd.Fd()), Events: unix.POLLIN}}
+	}
+	for !e.stopping.Load() {
+		w.n, w.readErr = 0, nil
+		if w.readOnce(uintptr(e.fd.Fd())) {
+			return w.readErr
+		}
+		// A timeout so Close is noticed; messages wake poll at once.
+		if _, err := unix.Poll(w.pfd, 50); err != nil && err != unix.EINTR {
+			return fmt.Errorf("engine: poll userfaultfd: %w", err)
+		}
+	}
+	w.n = 0
+	return nil
+}
+
 // readOnce reads one batch under the exclusive lock and applies its events before releasing it.
 // It returns false (lock released) when nothing is pending.
 func (w *worker) readOnce(fd uintptr) bool {
@@ -284,9 +327,12 @@ func (w *worker) readOnce(fd uintptr) bool {
 		n, err := unix.Read(int(fd), buf)
 		if err == unix.EAGAIN {
 			e.mu.Unlock()
-			if spin < e.opts.SpinReads {
+			if spin < w.spin {
 				runtime.Gosched()
 				continue
+			}
+			if spin > 0 {
+				w.spin = max(w.spin/2, 1)
 			}
 			w.n = 0
 			return false
@@ -299,6 +345,9 @@ func (w *worker) readOnce(fd uintptr) bool {
 			e.mu.Unlock()
 			w.n, w.readErr = 0, fmt.Errorf("engine: read userfaultfd: %w", err)
 			return true
+		}
+		if spin > 0 {
+			w.spin = min(w.spin*2, e.opts.SpinReads)
 		}
 		w.n = n / uffd.MsgSize
 		w.batchAt = time.Now()

@@ -33,11 +33,14 @@ func (f *faultAround) init(c FaultAround) {
 	f.next.Store(-1)
 }
 
-// pages returns the window for a fault on page i and records where it ends.
+// pages returns the window for a fault on page i and records where it ends. A fault counts as
+// sequential when it lands within one window of where the last one ended: several threads
+// walking one region in interleaved order still form a stream.
 func (f *faultAround) pages(i int) int {
 	w := int(f.window.Load())
 	if f.cfg.Adaptive {
-		if int64(i) == f.next.Load() {
+		next := int(f.next.Load())
+		if i >= next-w && i <= next+w {
 			w = min(w*2, f.cfg.Max)
 		} else {
 			w = max(w/2, f.cfg.Min)

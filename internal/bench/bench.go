@@ -44,6 +44,7 @@ type Case struct {
 	Source      string `json:"source"`       // "file" or "mem"
 	Workers     int    `json:"workers"`      // Go engine workers
 	Spin        int    `json:"spin"`         // Go engine SpinReads
+	PollThread  bool   `json:"poll_thread"`  // Go engine PollThread
 }
 
 // Result is a Case measured.
@@ -230,7 +231,7 @@ func (e *Env) runGo(c Case) (Result, error) {
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
 	eng, err := engine.New(t.fd, []engine.Region{{Name: "mem", Base: t.addr, Size: uintptr(t.size), PageSize: 4096, Source: src}},
-		engine.Options{Workers: c.Workers, FaultAround: fa, SpinReads: c.Spin})
+		engine.Options{Workers: c.Workers, FaultAround: fa, SpinReads: c.Spin, PollThread: c.PollThread})
 	if err != nil {
 		return Result{}, err
 	}
@@ -272,7 +273,13 @@ func (e *Env) runC(c Case) (Result, error) {
 		return Result{}, err
 	}
 	defer t.close()
-	f := os.NewFile(uintptr(t.fd.Fd()), "uffd")
+	// A duplicate for the child: an *os.File of our own fd number would close it when collected.
+	dup, err := unix.Dup(t.fd.Fd())
+	if err != nil {
+		return Result{}, err
+	}
+	f := os.NewFile(uintptr(dup), "uffd")
+	defer f.Close()
 	cmd := exec.Command(e.cref, strconv.FormatUint(uint64(t.addr), 10), strconv.Itoa(t.size), strconv.Itoa(c.FaultAround), e.snapshot)
 	cmd.ExtraFiles = []*os.File{f}
 	cmd.Stderr = os.Stderr

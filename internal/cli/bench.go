@@ -8,7 +8,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"text/tabwriter"
+	"time"
 
 	"github.com/faultline-go/faultline/internal/bench"
 )
@@ -37,6 +37,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	handlers := fs.String("handler", "go,c", "handlers to compare: go, c, bulk")
 	workers := fs.Int("workers", 1, "engine workers")
 	spin := fs.Int("spin", 0, "engine read spins before parking")
+	pollThread := fs.Bool("poll-thread", false, "engine workers block in poll(2) on their own threads")
 	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
 	asJSON := fs.Bool("json", false, "print one JSON object per case")
 	if code, ok := parseFlags(fs, args); !ok {
@@ -48,7 +49,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	var cases []bench.Case
-	base := bench.Case{Size: sz, Source: *src, Workers: *workers, Spin: *spin, MaxAround: *maxAround}
+	base := bench.Case{Size: sz, Source: *src, Workers: *workers, Spin: *spin, PollThread: *pollThread, MaxAround: *maxAround}
 	if *pattern == "" && *threads == 0 && *around == "" {
 		cases = bench.Suite(base)
 	} else {
@@ -84,9 +85,9 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline bench: C reference unavailable, its cases are skipped:", env.CrefErr)
 	}
 	var results []bench.Result
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	const row = "%-7s %-7s %7s %-10s %-6s %9s %8s %9s %9s %12s  %s\n"
 	if !*asJSON {
-		fmt.Fprintln(tw, "HANDLER\tPATTERN\tTHREADS\tAROUND\tSOURCE\tNS/PAGE\tFAULTS\tP50\tP99\tALLOCS/FAULT\tRATIO")
+		fmt.Fprintf(stdout, row, "HANDLER", "PATTERN", "THREADS", "AROUND", "SOURCE", "NS/PAGE", "FAULTS", "P50", "P99", "ALLOCS/FAULT", "RATIO")
 	}
 	for _, c := range cases {
 		if c.Handler == "c" && !env.HasC() {
@@ -119,11 +120,18 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		if c.FaultAround == 0 {
 			aroundS = fmt.Sprintf("adapt<=%d", c.MaxAround)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%s\n", c.Handler, c.Pattern, c.Threads, aroundS, c.Source,
-			r.NsPerPage, r.Faults, r.P50Ns, r.P99Ns, r.AllocsPerFault, vs)
-		tw.Flush()
+		p50, p99, allocs := "-", "-", "-"
+		if c.Handler == "go" {
+			p50, p99 = time.Duration(r.P50Ns).String(), time.Duration(r.P99Ns).String()
+			allocs = fmt.Sprintf("%.3f", r.AllocsPerFault)
+		}
+		faults := "-"
+		if r.Faults > 0 {
+			faults = strconv.FormatUint(r.Faults, 10)
+		}
+		fmt.Fprintf(stdout, row, c.Handler, c.Pattern, strconv.Itoa(c.Threads), aroundS, c.Source,
+			fmt.Sprintf("%.0f", r.NsPerPage), faults, p50, p99, allocs, vs)
 	}
-	tw.Flush()
 	return 0
 }
 
