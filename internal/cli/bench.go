@@ -34,7 +34,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	around := fs.String("fault-around", "", "pages per fault, or 'adaptive' (default: the suite)")
 	maxAround := fs.Int("max-around", 256, "adaptive fault-around ceiling in pages")
 	src := fs.String("source", "file", "source: file (a snapshot in the page cache) or mem")
-	handlers := fs.String("handler", "go,c", "handlers to compare: go, c, bulk")
+	handlers := fs.String("handler", "c,go", "handlers to compare: go, c, bulk")
 	workers := fs.Int("workers", 1, "engine workers")
 	spin := fs.Int("spin", 0, "engine read spins before parking")
 	pollThread := fs.Bool("poll-thread", false, "engine workers block in poll(2) on their own threads")
