@@ -543,7 +543,7 @@ func (w *worker) resolveLocked(pf uffd.Pagefault) error {
 		st.stats.pagesFault.Add(1)
 		st.stats.pagesAround.Add(uint64(done - 1))
 		st.stats.bytes.Add(uint64(n))
-		st.stats.latency.observe(time.Since(w.batchAt))
+		st.stats.observeInstall(time.Since(w.batchAt))
 		if err != nil && errors.Is(err, uffd.ErrPartial) {
 			return nil // the faulting page is in; the rest stopped at a mapped page
 		}
@@ -643,7 +643,7 @@ func (w *worker) zeroRun(st *pageState, pf uffd.Pagefault, page, length, ps uint
 		st.stats.pagesZero.Add(uint64(done))
 		st.stats.pagesFault.Add(1)
 		st.stats.pagesAround.Add(uint64(done - 1))
-		st.stats.latency.observe(time.Since(w.batchAt))
+		st.stats.observeInstall(time.Since(w.batchAt))
 		if err != nil && errors.Is(err, uffd.ErrPartial) {
 			return nil
 		}

@@ -85,7 +85,7 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 			st.stats.pagesFault.Add(1)
 			st.stats.pagesAround.Add(uint64(d - 1))
 			st.stats.bytes.Add(uint64(done))
-			st.stats.latency.observe(time.Since(j.at))
+			st.stats.observeInstall(time.Since(j.at))
 		}
 		e.mu.RUnlock()
 		if errors.Is(err, uffd.ErrEventsPending) {

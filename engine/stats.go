@@ -27,6 +27,9 @@ type Stats struct {
 	Errors  uint64 // faults that failed (source errors, unexpected errnos)
 
 	Latency Histogram // from reading the fault to the page installed
+
+	// FirstInstall is when the first page was installed (zero if none yet).
+	FirstInstall time.Time
 }
 
 type counters struct {
@@ -34,16 +37,29 @@ type counters struct {
 	pagesFault, pagesAround, pagesZero, pagesRemoved atomic.Uint64
 	bytes, retries, errors                           atomic.Uint64
 	latency                                          histogram
+	first                                            atomic.Int64 // unix ns of the first install
+}
+
+// observeInstall records a fault's install latency, and the time of the first install.
+func (c *counters) observeInstall(d time.Duration) {
+	c.latency.observe(d)
+	if c.first.Load() == 0 {
+		c.first.CompareAndSwap(0, time.Now().UnixNano())
+	}
 }
 
 func (c *counters) snapshot(name string) Stats {
-	return Stats{
+	s := Stats{
 		Region: name, Faults: c.faults.Load(), Missing: c.missing.Load(), WP: c.wp.Load(),
 		Minor: c.minor.Load(), Duplicates: c.duplicates.Load(), PagesFault: c.pagesFault.Load(),
 		PagesAround: c.pagesAround.Load(), PagesZero: c.pagesZero.Load(),
 		PagesRemoved: c.pagesRemoved.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
 		Errors: c.errors.Load(), Latency: c.latency.snapshot(),
 	}
+	if f := c.first.Load(); f != 0 {
+		s.FirstInstall = time.Unix(0, f)
+	}
+	return s
 }
 
 // latencyBuckets is the number of histogram buckets: powers of two from 256 ns to ~34 s, plus
