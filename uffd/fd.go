@@ -115,11 +115,17 @@ func create(flags int, noDevice bool) (int, string, error) {
 }
 
 func newFD(fd int, origin string, blocking bool) *FD {
-	f := &FD{fd: fd, origin: origin, blocking: blocking}
-	// os.NewFile registers a non-blocking fd with the netpoller, so Read parks the goroutine
-	// instead of a thread and Close wakes it.
-	f.file = os.NewFile(uintptr(fd), "userfaultfd")
-	return f
+	return &FD{fd: fd, origin: origin, blocking: blocking}
+}
+
+// initFile wraps the fd in an *os.File once the handshake is done. os.NewFile registers a
+// non-blocking fd with the netpoller, so Read parks the goroutine instead of a thread and Close
+// wakes it. It must not happen earlier: until UFFDIO_API the kernel reports the fd as EPOLLERR,
+// and the netpoller keeps that error, failing reads with "not pollable", until the fd's next event.
+func (f *FD) initFile() {
+	if f.file == nil {
+		f.file = os.NewFile(uintptr(f.fd), "userfaultfd")
+	}
 }
 
 // NewFD takes ownership of fd, an existing userfaultfd: one received from another process over
@@ -139,6 +145,7 @@ func NewFD(fd int, blocking bool) (*FD, error) {
 	}
 	f := newFD(fd, "received", blocking)
 	f.handshaken.Store(true)
+	f.initFile()
 	return f, nil
 }
 
@@ -157,6 +164,9 @@ func (f *FD) Origin() string { return f.origin }
 func (f *FD) Close() error {
 	if f.closed.Swap(true) {
 		return nil
+	}
+	if f.file == nil {
+		return unix.Close(f.fd)
 	}
 	return f.file.Close()
 }
@@ -201,6 +211,7 @@ func (f *FD) API(features Feature) (APIResult, error) {
 		return APIResult{}, e
 	}
 	f.handshaken.Store(true)
+	f.initFile()
 	return APIResult{Supported: Feature(a.features), Ioctls: Ioctls(a.ioctls)}, nil
 }
 
@@ -315,4 +326,14 @@ func parseFDInfo(s string) (Info, error) {
 var _ syscall.Conn = (*FD)(nil)
 
 // SyscallConn gives raw access to the fd for polling it alongside other fds.
-func (f *FD) SyscallConn() (syscall.RawConn, error) { return f.file.SyscallConn() }
+func (f *FD) SyscallConn() (syscall.RawConn, error) {
+	if f.file == nil {
+		return nil, errNoHandshake("SyscallConn")
+	}
+	return f.file.SyscallConn()
+}
+
+// errNoHandshake is the error of polling or reading an fd before its handshake.
+func errNoHandshake(op string) error {
+	return &OpError{Op: op, Errno: unix.EINVAL, kind: ErrInvalid, Detail: "handshake (UFFDIO_API) not done"}
+}

@@ -21,8 +21,10 @@ const (
 
 // Register registers [start, start+length) in the given modes and returns the ioctls usable on
 // the range (which depend on the memory type: hugetlb offers no ZEROPAGE or MOVE). Registering a
-// range again on the same fd replaces its modes. Holes inside the range are allowed; at least one
-// mapping must be there.
+// range again on the same fd replaces its modes, except that a mapping which already has every
+// requested mode is left as it is (MISSING|WP, then MISSING, keeps WP, though the answer lacks
+// WRITEPROTECT): unregister first to drop a mode. Holes inside the range are allowed; at least
+// one mapping must be there.
 func (f *FD) Register(start, length uintptr, mode RegisterMode) (Ioctls, error) {
 	a := registerArg{rng: rangeArg{uint64(start), uint64(length)}, mode: uint64(mode)}
 	if errno := f.ioctl(reqRegister, unsafe.Pointer(&a)); errno != 0 {

@@ -29,7 +29,7 @@ type Reader struct {
 // NewReader returns a Reader of f's messages.
 func (f *FD) NewReader() (*Reader, error) {
 	r := &Reader{f: f}
-	if !f.blocking {
+	if !f.blocking && f.file != nil {
 		rc, err := f.file.SyscallConn()
 		if err != nil {
 			return nil, err
@@ -62,6 +62,17 @@ func (r *Reader) Read(msgs []Msg) (int, error) {
 	}
 	if r.f.closed.Load() {
 		return 0, ErrClosed
+	}
+	if r.rc == nil && !r.f.blocking {
+		// Made before the handshake: the fd joins the netpoller only after it (FD.initFile).
+		if r.f.file == nil {
+			return 0, errNoHandshake("read")
+		}
+		rc, err := r.f.file.SyscallConn()
+		if err != nil {
+			return 0, err
+		}
+		r.rc = rc
 	}
 	r.buf = unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize)
 	r.n, r.errno = 0, nil
@@ -115,4 +126,9 @@ func (r *Reader) mapErr(err error) error {
 
 // SetReadDeadline makes Read on a non-blocking fd return os.ErrDeadlineExceeded after t; the
 // zero time clears it.
-func (f *FD) SetReadDeadline(t time.Time) error { return f.file.SetReadDeadline(t) }
+func (f *FD) SetReadDeadline(t time.Time) error {
+	if f.file == nil {
+		return errNoHandshake("SetReadDeadline")
+	}
+	return f.file.SetReadDeadline(t)
+}
