@@ -123,3 +123,10 @@ func (h Histogram) Quantile(q float64) time.Duration {
 	}
 	return h.Bounds[len(h.Bounds)-1] * 2
 }
+
+// EmptyHistogram returns a histogram with the engine's bounds and no observations, to merge
+// others into.
+func EmptyHistogram() Histogram {
+	var h histogram
+	return h.snapshot()
+}

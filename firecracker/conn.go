@@ -125,6 +125,7 @@ func (c *Conn) read() error {
 	b := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(16*4))
 	n, oobn, flags, _, err := c.c.ReadMsgUnix(b, oob) // Go sets MSG_CMSG_CLOEXEC on Linux
+	n, oobn = max(n, 0), max(oobn, 0)
 	if oobn > 0 {
 		msgs, perr := unix.ParseSocketControlMessage(oob[:oobn])
 		if perr == nil {

@@ -344,7 +344,7 @@ func (c *child) touch(a *memory.Area, r *Request) Reply {
 					sigbus.Add(1)
 					continue
 				}
-				if bad := check(a.Mem[off:off+stride], off, r); bad >= 0 {
+				if bad := check(a.Mem[off:off+stride], off+r.PatternBase, r); bad >= 0 {
 					mismatch.Add(1)
 					firstBad.CompareAndSwap(-1, int64(bad))
 				}

@@ -29,9 +29,12 @@ type Request struct {
 	Order   string `json:"order,omitempty"`  // "seq" (default), "rand"
 	Verify  string `json:"verify,omitempty"` // "", "pattern", "zero", "counter"
 	Seed    uint64 `json:"seed,omitempty"`
-	Stride  int    `json:"stride,omitempty"`
-	Data    []byte `json:"data,omitempty"`
-	Expect  int    `json:"expect,omitempty"`
+	// PatternBase is the pattern offset of the area's first byte, for areas that hold a slice
+	// of a larger image (a guest region at a file offset).
+	PatternBase int    `json:"pattern_base,omitempty"`
+	Stride      int    `json:"stride,omitempty"`
+	Data        []byte `json:"data,omitempty"`
+	Expect      int    `json:"expect,omitempty"`
 
 	// Free-form arguments for ops defined outside child.go.
 	Ints []int64 `json:"ints,omitempty"`

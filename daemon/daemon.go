@@ -1,0 +1,268 @@
+//go:build linux
+
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/firecracker"
+	"github.com/faultline-go/faultline/source"
+)
+
+// Policy says what to do with a VM the daemon cannot serve.
+type Policy string
+
+const (
+	// Kill sends SIGKILL to the VMM (through its pidfd): the guest dies instead of hanging.
+	Kill Policy = "kill"
+	// LogOnly logs the failure and leaves the VMM as it is (its faulting vCPUs stay blocked).
+	LogOnly Policy = "log"
+)
+
+// Config configures a Daemon.
+type Config struct {
+	Socket  string // path of the Unix socket to listen on
+	MemFile string // the memory snapshot file every VM is served from
+	// SocketGroup, when > 0, makes the socket 0660 and owned by this group; else it is 0600.
+	SocketGroup int
+	// AllowUIDs, when not empty, admits only VMMs running as these uids (SO_PEERCRED).
+	AllowUIDs []uint32
+	// OnFailure is what happens to a VM that cannot be served (default Kill).
+	OnFailure Policy
+	// Engine tunes the engine of every uffd.
+	Engine engine.Options
+	// MaxRegions bounds the regions of one handshake (default 4096); HandshakeTimeout bounds
+	// the arrival of a started handshake (default 5 s).
+	MaxRegions       int
+	HandshakeTimeout time.Duration
+	Logger           *slog.Logger
+	// OnVMEnd, if set, is called with each VM's final report.
+	OnVMEnd func(Report)
+}
+
+// Daemon is a running server.
+type Daemon struct {
+	cfg  Config
+	log  *slog.Logger
+	src  *source.File
+	ln   *net.UnixListener
+	path string
+
+	mu       sync.Mutex
+	vms      map[*vm]struct{}
+	finished totals // of VMs that ended, for metrics
+	nextID   int64
+
+	draining atomic.Bool
+	closing  atomic.Bool
+	wg       sync.WaitGroup
+	accepted chan struct{}
+	done     chan struct{}
+}
+
+// New opens the memory file and listens on the socket.
+func New(cfg Config) (*Daemon, error) {
+	if cfg.Socket == "" || cfg.MemFile == "" {
+		return nil, errors.New("daemon: a socket path and a memory file are required")
+	}
+	if cfg.OnFailure == "" {
+		cfg.OnFailure = Kill
+	}
+	if cfg.OnFailure != Kill && cfg.OnFailure != LogOnly {
+		return nil, fmt.Errorf("daemon: unknown failure policy %q (want %q or %q)", cfg.OnFailure, Kill, LogOnly)
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 5 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	src, err := source.OpenFile(cfg.MemFile)
+	if err != nil {
+		return nil, fmt.Errorf("daemon: memory file: %w", err)
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, path: cfg.Socket, vms: map[*vm]struct{}{},
+		accepted: make(chan struct{}), done: make(chan struct{})}
+	if err := d.listen(); err != nil {
+		src.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// listen binds the socket under a temporary name, sets its mode and owner, then renames it into
+// place, so no client can connect before the permissions hold.
+func (d *Daemon) listen() error {
+	if fi, err := os.Lstat(d.path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("daemon: %s exists and is not a socket", d.path)
+		}
+		// A stale socket of a previous run: refuse if someone still listens on it.
+		if c, err := net.Dial("unix", d.path); err == nil {
+			c.Close()
+			return fmt.Errorf("daemon: %s: another daemon is listening", d.path)
+		}
+		os.Remove(d.path)
+	}
+	tmp := filepath.Join(filepath.Dir(d.path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(d.path), os.Getpid()))
+	os.Remove(tmp)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("daemon: listen: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	mode := os.FileMode(0o600)
+	if d.cfg.SocketGroup > 0 {
+		mode = 0o660
+		if err := os.Chown(tmp, -1, d.cfg.SocketGroup); err != nil {
+			ln.Close()
+			os.Remove(tmp)
+			return fmt.Errorf("daemon: chown socket: %w", err)
+		}
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		ln.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("daemon: chmod socket: %w", err)
+	}
+	if err := os.Rename(tmp, d.path); err != nil {
+		ln.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("daemon: %w", err)
+	}
+	d.ln = ln
+	return nil
+}
+
+// Addr is the socket path.
+func (d *Daemon) Addr() string { return d.path }
+
+// Serve accepts VMs until Drain or Close, then waits for the live VMs to end. It returns nil
+// after a drain or close.
+func (d *Daemon) Serve() error {
+	var err error
+	for {
+		c, aerr := d.ln.AcceptUnix()
+		if aerr != nil {
+			if d.draining.Load() {
+				break
+			}
+			if ne, ok := aerr.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			err = fmt.Errorf("daemon: accept: %w", aerr)
+			break
+		}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.handle(c)
+		}()
+	}
+	d.stopListening()
+	d.wg.Wait()
+	d.src.Close()
+	close(d.done)
+	return err
+}
+
+// Drain stops accepting new VMs; live VMs are served until they exit. Serve then returns.
+func (d *Daemon) Drain() {
+	if d.draining.Swap(true) {
+		return
+	}
+	d.log.Info("draining: no new VMs; serving live ones until they exit", "live", d.Live())
+	d.stopListening()
+}
+
+func (d *Daemon) stopListening() {
+	d.draining.Store(true)
+	d.ln.Close()
+	// Remove our socket, not a successor's: only if it is still the one we bound.
+	os.Remove(d.path)
+}
+
+// Close stops serving every VM now (applying the failure policy: a VM left without a handler
+// hangs) and makes Serve return.
+func (d *Daemon) Close() {
+	d.closing.Store(true)
+	d.Drain()
+	d.mu.Lock()
+	vms := make([]*vm, 0, len(d.vms))
+	for v := range d.vms {
+		vms = append(vms, v)
+	}
+	d.mu.Unlock()
+	for _, v := range vms {
+		v.abandon(errors.New("daemon shutting down"))
+	}
+}
+
+// Done is closed when Serve has returned.
+func (d *Daemon) Done() <-chan struct{} { return d.done }
+
+// Live is the number of VMs being served.
+func (d *Daemon) Live() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.vms)
+}
+
+func (d *Daemon) allowed(uid uint32) bool {
+	return len(d.cfg.AllowUIDs) == 0 || slices.Contains(d.cfg.AllowUIDs, uid)
+}
+
+func (d *Daemon) handle(c *net.UnixConn) {
+	cred, err := firecracker.PeerCred(c)
+	if err != nil {
+		d.log.Error("peer credentials", "err", err)
+		c.Close()
+		return
+	}
+	if !d.allowed(cred.Uid) {
+		d.log.Warn("refused a VMM: uid not allowed", "pid", cred.Pid, "uid", cred.Uid)
+		c.Close()
+		return
+	}
+	pidfd, err := unix.PidfdOpen(int(cred.Pid), unix.PIDFD_NONBLOCK)
+	if err != nil {
+		d.log.Warn("VMM gone before it was served", "pid", cred.Pid, "err", err)
+		c.Close()
+		return
+	}
+	d.mu.Lock()
+	d.nextID++
+	v := newVM(d, d.nextID, c, cred, pidfd)
+	d.vms[v] = struct{}{}
+	d.mu.Unlock()
+	v.run()
+	d.mu.Lock()
+	delete(d.vms, v)
+	d.finished.add(v.totals())
+	d.mu.Unlock()
+	rep := v.report()
+	d.log.Info("VM ended", rep.logAttrs()...)
+	if d.cfg.OnVMEnd != nil {
+		d.cfg.OnVMEnd(rep)
+	}
+}
+
+// Serve a context: Drain when ctx is done. Convenience for callers that own a context.
+func (d *Daemon) ServeContext(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, d.Drain)
+	defer stop()
+	return d.Serve()
+}

@@ -1,0 +1,335 @@
+//go:build linux
+
+package daemon_test
+
+import (
+	"bytes"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/faultline-go/faultline/daemon"
+	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/firecracker"
+	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/vmm"
+)
+
+const seed = 0xfc
+
+// requireKernel fails under FAULTLINE_REQUIRE_KERNEL=1 (CI) and skips otherwise.
+func requireKernel(t testing.TB, why string) {
+	t.Helper()
+	if os.Getenv("FAULTLINE_REQUIRE_KERNEL") == "1" {
+		t.Fatalf("kernel test cannot run: %s (FAULTLINE_REQUIRE_KERNEL=1)", why)
+	}
+	t.Skip(why)
+}
+
+// snapshot writes a memory file of size bytes holding the pattern.
+func snapshot(t testing.TB, size int) string {
+	t.Helper()
+	b := make([]byte, size)
+	puppet.Fill(b, seed, 0)
+	p := filepath.Join(t.TempDir(), "mem")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type fixture struct {
+	t       *testing.T
+	d       *daemon.Daemon
+	logs    *syncBuffer
+	reports chan daemon.Report
+	served  chan error
+}
+
+func start(t *testing.T, memFile string, mod func(*daemon.Config)) *fixture {
+	t.Helper()
+	f := &fixture{t: t, logs: &syncBuffer{}, reports: make(chan daemon.Report, 16), served: make(chan error, 1)}
+	cfg := daemon.Config{
+		Socket: filepath.Join(t.TempDir(), "uffd.sock"), MemFile: memFile,
+		Logger:  slog.New(slog.NewTextHandler(f.logs, nil)),
+		OnVMEnd: func(r daemon.Report) { f.reports <- r },
+		Engine:  engine.Options{FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}},
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	d, err := daemon.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.d = d
+	go func() { f.served <- d.Serve() }()
+	t.Cleanup(func() {
+		d.Close()
+		select {
+		case <-d.Done():
+		case <-time.After(10 * time.Second):
+			t.Error("daemon did not stop")
+		}
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", f.logs.String())
+		}
+	})
+	return f
+}
+
+func (f *fixture) report() daemon.Report {
+	f.t.Helper()
+	select {
+	case r := <-f.reports:
+		return r
+	case <-time.After(20 * time.Second):
+		f.t.Fatalf("no VM report; log:\n%s", f.logs.String())
+	}
+	return daemon.Report{}
+}
+
+// Every Firecracker handshake generation, two regions laid out the way Firecracker does (the
+// second region at a lower address than the first, file offsets back to back), four vCPU
+// threads: every byte right, then the VM exits and the daemon releases it.
+func TestServeEveryVersion(t *testing.T) {
+	mem := snapshot(t, 24<<20)
+	for _, v := range []firecracker.Version{firecracker.V1_1, firecracker.V1_7, firecracker.V1_12} {
+		t.Run(v.String(), func(t *testing.T) {
+			f := start(t, mem, nil)
+			m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Version: v,
+				Regions: []vmm.Region{{Size: 16 << 20, FileOffset: 0}, {Size: 8 << 20, FileOffset: 16 << 20}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := m.Touch(4, "rand", seed, false)
+			if err != nil {
+				m.Kill()
+				t.Fatal(err)
+			}
+			if got.Wrong != 0 || got.Pages != 6144 {
+				t.Fatalf("touched %d pages, %d wrong", got.Pages, got.Wrong)
+			}
+			if err := m.Exit(); err != nil {
+				t.Fatal(err)
+			}
+			r := f.report()
+			if r.Version != v.String() || r.Regions != 2 || r.Pages != 6144 || r.Failure != "" {
+				t.Fatalf("report %+v", r)
+			}
+			if r.FirstFault <= 0 || r.P99 < r.P50 {
+				t.Fatalf("report latencies %+v", r)
+			}
+			if f.d.Live() != 0 {
+				t.Fatalf("%d VMs still live after exit", f.d.Live())
+			}
+		})
+	}
+}
+
+// Balloon inflation: pages given back with MADV_DONTNEED read zeros afterwards, the rest keeps
+// the snapshot; hugetlb guest memory is served in whole 2 MiB pages.
+func TestBalloon(t *testing.T) {
+	for _, huge := range []bool{false, true} {
+		name := map[bool]string{false: "4k", true: "2M"}[huge]
+		t.Run(name, func(t *testing.T) {
+			if huge {
+				needHugePages(t, 16)
+			}
+			const size = 16 << 20
+			f := start(t, snapshot(t, size), nil)
+			m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Huge: huge, Regions: []vmm.Region{{Size: size}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Kill()
+			if got, err := m.Touch(2, "seq", seed, false); err != nil || got.Wrong != 0 {
+				t.Fatalf("first pass: %+v %v", got, err)
+			}
+			// Inflate: 4 MiB in the middle.
+			if err := m.Balloon(0, 4<<20, 4<<20); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := m.TouchRange(0, 4<<20, 4<<20, 2, seed, true); err != nil || got.Wrong != 0 {
+				t.Fatalf("ballooned range not zero: %+v %v", got, err)
+			}
+			if got, err := m.TouchRange(0, 8<<20, 8<<20, 2, seed, false); err != nil || got.Wrong != 0 {
+				t.Fatalf("rest changed: %+v %v", got, err)
+			}
+			m.Exit()
+			r := f.report()
+			if r.ZeroPages == 0 {
+				t.Fatalf("no zero pages installed after the balloon: %+v", r)
+			}
+		})
+	}
+}
+
+func needHugePages(t testing.TB, n int) {
+	t.Helper()
+	h, err := memory.ReadHugePages()
+	if err != nil {
+		requireKernel(t, err.Error())
+	}
+	if h.Free >= n {
+		return
+	}
+	const path = "/proc/sys/vm/nr_hugepages"
+	old, _ := os.ReadFile(path)
+	if err := os.WriteFile(path, []byte(itoa(h.Total+n-h.Free)), 0); err != nil {
+		requireKernel(t, "cannot reserve hugepages: "+err.Error())
+	}
+	t.Cleanup(func() { os.WriteFile(path, bytes.TrimSpace(old), 0) })
+	if h, _ = memory.ReadHugePages(); h.Free < n {
+		requireKernel(t, "could not reserve hugepages")
+	}
+}
+
+func itoa(n int) string {
+	if n == 0 {
+		return "0"
+	}
+	s := ""
+	for ; n > 0; n /= 10 {
+		s = string(rune('0'+n%10)) + s
+	}
+	return s
+}
+
+// Many VMs at once from one daemon and one mapping of the memory file.
+func TestManyVMs(t *testing.T) {
+	const size = 8 << 20
+	f := start(t, snapshot(t, size), nil)
+	var ms []*vmm.VMM
+	for i := 0; i < 4; i++ {
+		m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Regions: []vmm.Region{{Size: size}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Kill()
+		ms = append(ms, m)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(ms))
+	for _, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, err := m.Touch(2, "rand", seed, false)
+			if err == nil && got.Wrong != 0 {
+				err = errorf("%d wrong pages", got.Wrong)
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := f.d.Live(); n != 4 {
+		t.Fatalf("live VMs %d, want 4", n)
+	}
+	for _, m := range ms {
+		m.Exit()
+		f.report()
+	}
+}
+
+type strErr string
+
+func (e strErr) Error() string { return string(e) }
+
+func errorf(format string, args ...any) error {
+	return strErr(strings.TrimSpace(sprintf(format, args...)))
+}
+
+var sprintf = func(format string, args ...any) string { return fmtSprintf(format, args...) }
+
+// A VM that exits mid-serve (killed while its threads fault) is released: no goroutine, fd or
+// mapping left behind.
+func TestVMExitReleasesEverything(t *testing.T) {
+	const size = 32 << 20
+	f := start(t, snapshot(t, size), nil)
+	// Warm up one VM so lazily started runtime goroutines do not count as leaks.
+	m0, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Regions: []vmm.Region{{Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m0.Touch(1, "seq", seed, false)
+	m0.Exit()
+	f.report()
+	g0, fd0, map0 := runtime.NumGoroutine(), countFDs(t), countMaps(t)
+	for i := 0; i < 3; i++ {
+		m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Regions: []vmm.Region{{Size: size}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := m.Go(puppet.Request{Op: "touch", Area: m.Regions[0].Area, Threads: 4, Order: "rand"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // let faults be in flight
+		_ = c
+		m.Kill()
+		r := f.report()
+		if r.Failure != "" {
+			t.Fatalf("a VM that exited is not a failure: %+v", r)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		g, fd, mp := runtime.NumGoroutine(), countFDs(t), countMaps(t)
+		if g <= g0 && fd <= fd0 && mp <= map0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			n := runtime.Stack(buf, true)
+			t.Fatalf("leak: goroutines %d -> %d, fds %d -> %d, mappings %d -> %d\n%s", g0, g, fd0, fd, map0, mp, buf[:n])
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func countFDs(t testing.TB) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func countMaps(t testing.TB) int {
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Count(b, []byte("\n"))
+}

@@ -1,0 +1,138 @@
+//go:build linux
+
+package daemon
+
+import (
+	"time"
+
+	"github.com/faultline-go/faultline/engine"
+)
+
+// Report is what the daemon logs when a VM goes.
+type Report struct {
+	VM       int64
+	Pid      int
+	Version  string
+	Regions  int
+	Cause    string
+	Failure  string // why it could not be served, if so
+	Duration time.Duration
+
+	Faults, Pages, ZeroPages, Bytes, Retries, Errors uint64
+	// FirstFault is from the connection to the first page installed (0 if none).
+	FirstFault time.Duration
+	P50, P99   time.Duration
+}
+
+func (r Report) logAttrs() []any {
+	a := []any{"vm", r.VM, "pid", r.Pid, "cause", r.Cause, "version", r.Version, "regions", r.Regions,
+		"duration", r.Duration.Round(time.Millisecond), "faults", r.Faults, "pages", r.Pages,
+		"zero_pages", r.ZeroPages, "bytes", r.Bytes, "first_fault", r.FirstFault, "p50", r.P50, "p99", r.P99}
+	if r.Failure != "" {
+		a = append(a, "failure", r.Failure)
+	}
+	if r.Retries > 0 || r.Errors > 0 {
+		a = append(a, "retries", r.Retries, "errors", r.Errors)
+	}
+	return a
+}
+
+// totals aggregates engine stats over VMs, for metrics.
+type totals struct {
+	vms                                              uint64
+	faults, pagesFault, pagesAround, pagesZero       uint64
+	pagesRemoved, bytes, retries, errors, duplicates uint64
+	latency                                          engine.Histogram
+}
+
+func (t *totals) addStats(s engine.Stats) {
+	t.faults += s.Faults
+	t.pagesFault += s.PagesFault
+	t.pagesAround += s.PagesAround
+	t.pagesZero += s.PagesZero
+	t.pagesRemoved += s.PagesRemoved
+	t.bytes += s.Bytes
+	t.retries += s.Retries
+	t.errors += s.Errors
+	t.duplicates += s.Duplicates
+	t.latency = mergeHist(t.latency, s.Latency)
+}
+
+func (t *totals) add(o totals) {
+	t.vms += o.vms
+	t.faults += o.faults
+	t.pagesFault += o.pagesFault
+	t.pagesAround += o.pagesAround
+	t.pagesZero += o.pagesZero
+	t.pagesRemoved += o.pagesRemoved
+	t.bytes += o.bytes
+	t.retries += o.retries
+	t.errors += o.errors
+	t.duplicates += o.duplicates
+	t.latency = mergeHist(t.latency, o.latency)
+}
+
+func mergeHist(a, b engine.Histogram) engine.Histogram {
+	if a.Counts == nil {
+		a.Bounds = b.Bounds
+		a.Counts = append([]uint64(nil), b.Counts...)
+		a.Count, a.Sum = b.Count, b.Sum
+		return a
+	}
+	for i := range a.Counts {
+		if i < len(b.Counts) {
+			a.Counts[i] += b.Counts[i]
+		}
+	}
+	a.Count += b.Count
+	a.Sum += b.Sum
+	return a
+}
+
+// totals sums the VM's engines' stats (live or final).
+func (v *vm) totals() totals {
+	v.mu.Lock()
+	es := append([]*engine.Engine(nil), v.engines...)
+	v.mu.Unlock()
+	t := totals{vms: 1}
+	for _, e := range es {
+		for _, s := range e.Stats() {
+			t.addStats(s)
+		}
+	}
+	return t
+}
+
+func (v *vm) report() Report {
+	t := v.totals()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r := Report{VM: v.id, Pid: v.pid, Regions: v.regions, Cause: v.endCause, Duration: time.Since(v.started),
+		Faults: t.faults, Pages: t.pagesFault + t.pagesAround, ZeroPages: t.pagesZero, Bytes: t.bytes,
+		Retries: t.retries, Errors: t.errors, P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
+	if v.version != 0 {
+		r.Version = v.version.String()
+	}
+	if v.failure != nil {
+		r.Failure = v.failure.Error()
+	}
+	var first time.Time
+	for _, e := range v.engines {
+		for _, s := range e.Stats() {
+			if !s.FirstInstall.IsZero() && (first.IsZero() || s.FirstInstall.Before(first)) {
+				first = s.FirstInstall
+			}
+		}
+	}
+	if !first.IsZero() {
+		r.FirstFault = first.Sub(v.started)
+	}
+	return r
+}
+
+// engineHistZero is an empty histogram with the engine's bucket bounds.
+func engineHistZero() engine.Histogram {
+	var s engine.Stats
+	s.Latency = engine.EmptyHistogram()
+	return s.Latency
+}

@@ -1,0 +1,5 @@
+package daemon_test
+
+import "fmt"
+
+var fmtSprintf = fmt.Sprintf

@@ -1,0 +1,168 @@
+//go:build linux
+
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"os/user"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/faultline-go/faultline/daemon"
+	"github.com/faultline-go/faultline/engine"
+)
+
+func init() {
+	register(&Command{
+		Name:    "serve",
+		Summary: "serve Firecracker snapshot memory lazily over the UFFD handshake",
+		Run:     runServe,
+	})
+}
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("serve", "--socket PATH --mem-file PATH [flags]\n\n"+
+		"Serve listens on a Unix socket for Firecracker's UFFD handshake (snapshot load with\n"+
+		"\"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": PATH}) and serves every VM that\n"+
+		"connects from the memory snapshot file, until SIGINT/SIGTERM: the first signal stops\n"+
+		"accepting and serves live VMs until they exit; a second one exits at once.", stderr)
+	socket := fs.String("socket", "", "Unix socket to listen on (required)")
+	memFile := fs.String("mem-file", "", "memory snapshot file (required)")
+	group := fs.String("socket-group", "", "make the socket 0660 and owned by this group (name or gid); default 0600")
+	allow := fs.String("allow-uid", "", "comma-separated uids allowed to connect (default: any)")
+	onFailure := fs.String("on-failure", "kill", "what to do with a VM that cannot be served: kill (SIGKILL the VMM) or log")
+	workers := fs.Int("workers", 1, "engine workers per userfaultfd")
+	around := fs.String("fault-around", "adaptive", "pages installed per fault, or 'adaptive'")
+	maxAround := fs.Int("max-around", 64, "adaptive fault-around ceiling in pages")
+	metrics := fs.String("metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	verbose := fs.Bool("v", false, "debug logging")
+	maxRegions := fs.Int("max-regions", 4096, "most regions one handshake may carry")
+	timeout := fs.Duration("handshake-timeout", 5*time.Second, "how long a started handshake may take")
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
+	}
+	if *socket == "" || *memFile == "" || fs.NArg() > 0 {
+		fmt.Fprintln(stderr, "faultline serve: --socket and --mem-file are required, and nothing else")
+		fs.Usage()
+		return 2
+	}
+	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, OnFailure: daemon.Policy(*onFailure),
+		MaxRegions: *maxRegions, HandshakeTimeout: *timeout}
+	var err error
+	if cfg.Engine.FaultAround, err = parseAround(*around, *maxAround); err != nil {
+		fmt.Fprintln(stderr, "faultline serve:", err)
+		return 2
+	}
+	cfg.Engine.Workers = *workers
+	if *group != "" {
+		if cfg.SocketGroup, err = lookupGroup(*group); err != nil {
+			fmt.Fprintln(stderr, "faultline serve:", err)
+			return 2
+		}
+	}
+	if *allow != "" {
+		for _, s := range strings.Split(*allow, ",") {
+			u, err := strconv.ParseUint(strings.TrimSpace(s), 10, 32)
+			if err != nil {
+				fmt.Fprintf(stderr, "faultline serve: --allow-uid %q: %v\n", s, err)
+				return 2
+			}
+			cfg.AllowUIDs = append(cfg.AllowUIDs, uint32(u))
+		}
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(stderr, hopts)
+	if *logFormat == "json" {
+		h = slog.NewJSONHandler(stderr, hopts)
+	} else if *logFormat != "text" {
+		fmt.Fprintf(stderr, "faultline serve: --log-format %q: want text or json\n", *logFormat)
+		return 2
+	}
+	log := slog.New(h)
+	cfg.Logger = log
+	d, err := daemon.New(cfg)
+	if err != nil {
+		fmt.Fprintln(stderr, "faultline serve:", err)
+		return 1
+	}
+	if *metrics != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(d.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		ln, err := net.Listen("tcp", *metrics)
+		if err != nil {
+			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
+			d.Close()
+			<-d.Done()
+			return 1
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go srv.Serve(ln)
+		defer srv.Shutdown(context.Background())
+		log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+	}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		s := <-sigs
+		log.Info("signal: draining (send it again to exit now)", "signal", s.String())
+		d.Drain()
+		s = <-sigs
+		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", d.Live())
+		d.Close()
+	}()
+	log.Info("serving", "socket", *socket, "mem_file", *memFile, "on_failure", cfg.OnFailure)
+	if err := d.Serve(); err != nil {
+		log.Error("serve", "err", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+func parseAround(s string, maxPages int) (engine.FaultAround, error) {
+	if s == "adaptive" {
+		return engine.FaultAround{Min: 1, Max: max(maxPages, 1), Adaptive: true}, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		return engine.FaultAround{}, fmt.Errorf("--fault-around %q: want a page count or 'adaptive'", s)
+	}
+	return engine.FaultAround{Min: n, Max: n}, nil
+}
+
+func lookupGroup(s string) (int, error) {
+	if gid, err := strconv.Atoi(s); err == nil {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(s)
+	if err != nil {
+		return 0, fmt.Errorf("--socket-group %q: %w", s, err)
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return 0, errors.New("--socket-group: bad gid " + g.Gid)
+	}
+	return gid, nil
+}
