@@ -4,6 +4,8 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/faultline-go/faultline/engine"
 )
 
 // Collector exports the daemon's counters to Prometheus: totals over every VM served since
@@ -36,7 +38,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	d := (*Daemon)(c)
 	d.mu.Lock()
 	t := d.finished
-	t.latency = mergeHist(engineHistZero(), t.latency)
+	t.latency = mergeHist(engine.EmptyHistogram(), t.latency)
 	live := 0
 	for v := range d.vms {
 		t.add(v.totals())

@@ -130,9 +130,24 @@ func (v *vm) report() Report {
 	return r
 }
 
-// engineHistZero is an empty histogram with the engine's bucket bounds.
-func engineHistZero() engine.Histogram {
-	var s engine.Stats
-	s.Latency = engine.EmptyHistogram()
-	return s.Latency
+// Summary is the daemon's running totals over every VM served since start.
+type Summary struct {
+	Live, VMs                                int
+	Faults, Pages, ZeroPages, Removed, Bytes uint64
+	P50, P99                                 time.Duration
+}
+
+// Summary returns the running totals (live VMs read now).
+func (d *Daemon) Summary() Summary {
+	d.mu.Lock()
+	t := d.finished
+	t.latency = mergeHist(engine.EmptyHistogram(), t.latency)
+	live := len(d.vms)
+	for v := range d.vms {
+		t.add(v.totals())
+	}
+	d.mu.Unlock()
+	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround,
+		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
+		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 }
