@@ -15,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+var errTimeout = errors.New("timeout")
+
 // Handshake is one validated message and the userfaultfd that came with it.
 type Handshake struct {
 	Regions []Region
@@ -52,6 +54,9 @@ func (c *Conn) Next() (*Handshake, error) {
 				// The data came first; its fd may follow in the next read.
 				if err := c.read(); err != nil && !errors.Is(err, io.EOF) {
 					c.drop()
+					if errors.Is(err, errTimeout) {
+						return nil, invalid("message without a userfaultfd (no SCM_RIGHTS within %v)", c.Timeout)
+					}
 					return nil, err
 				}
 				continue
@@ -145,7 +150,7 @@ func (c *Conn) read() error {
 	}
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return invalid("handshake incomplete after %v (%d bytes, %d fds)", c.Timeout, len(c.buf), len(c.fds))
+			return fmt.Errorf("%w: %w", errTimeout, invalid("handshake incomplete after %v (%d bytes, %d fds)", c.Timeout, len(c.buf), len(c.fds)))
 		}
 		if errors.Is(err, io.EOF) {
 			c.eof = true

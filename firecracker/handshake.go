@@ -81,7 +81,7 @@ var ErrHandshake = errors.New("firecracker: invalid handshake")
 
 type handshakeError struct{ msg string }
 
-func (e *handshakeError) Error() string { return "firecracker: handshake: " + e.msg }
+func (e *handshakeError) Error() string   { return "firecracker: handshake: " + e.msg }
 func (e *handshakeError) Is(t error) bool { return t == ErrHandshake }
 
 func invalid(format string, args ...any) error {
