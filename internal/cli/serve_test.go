@@ -1,0 +1,177 @@
+//go:build linux
+
+package cli
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/vmm"
+)
+
+func TestMain(m *testing.M) {
+	puppet.Main()
+	os.Exit(m.Run())
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// faultline serve end to end: metrics endpoint, SIGTERM drains (no new VMs, the live one is
+// still served until it exits), then the command returns 0.
+func TestServeDrainOnSIGTERM(t *testing.T) {
+	dir := t.TempDir()
+	mem := filepath.Join(dir, "mem")
+	b := make([]byte, 8<<20)
+	puppet.Fill(b, 9, 0)
+	os.WriteFile(mem, b, 0o600)
+	sock := filepath.Join(dir, "fc.sock")
+	var stderr lockedBuffer
+	code := make(chan int, 1)
+	go func() {
+		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--metrics-addr", "127.0.0.1:0"}, io.Discard, &stderr)
+	}()
+	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("touch: %+v %v", got, err)
+	}
+	// Metrics.
+	addr := regexp.MustCompile(`msg=metrics addr=(\S+)`).FindStringSubmatch(stderr.String())
+	if addr == nil {
+		t.Fatalf("no metrics address logged:\n%s", stderr.String())
+	}
+	resp, err := http.Get("http://" + addr[1] + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"faultline_vms_live 1", "faultline_faults_total", `faultline_pages_installed_total{cause="fault"}`, "faultline_fault_latency_seconds_bucket"} {
+		if !strings.Contains(string(body), want) {
+			t.Fatalf("metrics lack %q:\n%s", want, body)
+		}
+	}
+	// Drain.
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	waitFor(t, "the socket to go", func() bool { _, err := os.Stat(sock); return os.IsNotExist(err) })
+	if c, err := net.Dial("unix", sock); err == nil {
+		c.Close()
+		t.Fatal("a new VM could connect while draining")
+	}
+	if got, err := m.TouchRange(0, 4<<20, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("live VM not served while draining: %+v %v", got, err)
+	}
+	select {
+	case c := <-code:
+		t.Fatalf("serve returned %d with a VM live", c)
+	default:
+	}
+	m.Exit()
+	select {
+	case c := <-code:
+		if c != 0 {
+			t.Fatalf("serve exit code %d\n%s", c, stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("serve did not return after the last VM exited\n%s", stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "VM ended") {
+		t.Fatalf("no VM report logged:\n%s", stderr.String())
+	}
+}
+
+// A second signal exits at once, VMs live or not.
+func TestServeSecondSignalExits(t *testing.T) {
+	dir := t.TempDir()
+	mem := filepath.Join(dir, "mem")
+	os.WriteFile(mem, make([]byte, 4<<20), 0o600)
+	sock := filepath.Join(dir, "fc.sock")
+	var stderr lockedBuffer
+	code := make(chan int, 1)
+	go func() { code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--on-failure", "log"}, io.Discard, &stderr) }()
+	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 4 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	waitFor(t, "the VM to be served", func() bool { return strings.Contains(stderr.String(), "msg=serving vm=") })
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	waitFor(t, "draining", func() bool { return strings.Contains(stderr.String(), "draining") })
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	select {
+	case c := <-code:
+		if c != 0 {
+			t.Fatalf("exit code %d", c)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("serve did not exit on the second signal\n%s", stderr.String())
+	}
+}
+
+func TestServeUsage(t *testing.T) {
+	var out lockedBuffer
+	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and --mem-file are required") {
+		t.Fatalf("exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/nonexistent"}, io.Discard, &out); c != 1 || !strings.Contains(out.String(), "memory file") {
+		t.Fatalf("missing file: exit %d: %s", c, out.String())
+	}
+}
+
+func TestDemo(t *testing.T) {
+	var out lockedBuffer
+	if c := Run([]string{"demo", "--size", "16M", "--threads", "2"}, &out, &out); c != 0 {
+		t.Fatalf("demo exit %d:\n%s", c, out.String())
+	}
+	s := out.String()
+	for _, want := range []string{"0 wrong", "the VM exits", "page faults", "zero pages (after the balloon)"} {
+		if !strings.Contains(s, want) {
+			t.Fatalf("demo output lacks %q:\n%s", want, s)
+		}
+	}
+	if strings.Contains(s, "wrong\n") && regexp.MustCompile(`[1-9]\d* wrong`).MatchString(s) {
+		t.Fatalf("demo reports wrong pages:\n%s", s)
+	}
+}
