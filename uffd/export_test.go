@@ -23,6 +23,45 @@ func APIRaw(f *FD, api uint64, features Feature) (uint64, uint64, uint64, error)
 // ResultUntouched is the sentinel preset in result fields.
 const ResultUntouched = resultUntouched
 
+// ParseFDInfo is the fdinfo parser behind FD.Info.
+var ParseFDInfo = parseFDInfo
+
+// Requests are the ioctl request numbers as computed for this GOARCH, by kernel name.
+var Requests = map[string]uintptr{
+	"UFFDIO_API":          reqAPI,
+	"UFFDIO_REGISTER":     reqRegister,
+	"UFFDIO_UNREGISTER":   reqUnregister,
+	"UFFDIO_WAKE":         reqWake,
+	"UFFDIO_COPY":         reqCopy,
+	"UFFDIO_ZEROPAGE":     reqZeropage,
+	"UFFDIO_MOVE":         reqMove,
+	"UFFDIO_WRITEPROTECT": reqWriteprotect,
+	"UFFDIO_CONTINUE":     reqContinue,
+	"UFFDIO_POISON":       reqPoison,
+	"USERFAULTFD_IOC_NEW": reqNew,
+}
+
+// IOCLayout is this GOARCH's _IOC layout: the direction values and the direction shift.
+var IOCLayout = struct{ None, Read, Write, DirShift, SizeShift uintptr }{iocNone, iocRead, iocWrite, iocDirShift, iocSizeShift}
+
+// IOC is the package's _IOC encoder (with this GOARCH's layout).
+var IOC = ioc
+
+// ArgStructs are zero values of the ioctl argument structs by kernel name, for the tests to
+// measure with reflect, and SizeofConsts the sizes the package encodes into request numbers.
+var (
+	ArgStructs = map[string]any{
+		"uffdio_api": apiArg{}, "uffdio_range": rangeArg{}, "uffdio_register": registerArg{},
+		"uffdio_copy": copyArg{}, "uffdio_zeropage": zeropageArg{}, "uffdio_writeprotect": writeprotectArg{},
+		"uffdio_continue": continueArg{}, "uffdio_poison": poisonArg{}, "uffdio_move": moveArg{},
+	}
+	SizeofConsts = map[string]uintptr{
+		"uffdio_api": sizeofAPI, "uffdio_range": sizeofRange, "uffdio_register": sizeofRegister,
+		"uffdio_copy": sizeofCopy, "uffdio_zeropage": sizeofZeropage, "uffdio_writeprotect": sizeofWriteprotect,
+		"uffdio_continue": sizeofContinue, "uffdio_poison": sizeofPoison, "uffdio_move": sizeofMove,
+	}
+)
+
 // ResolveRaw issues one resolving ioctl (op "COPY", "ZEROPAGE", "CONTINUE", "POISON" or "MOVE")
 // with the given fields and the result field preset to ResultUntouched, and returns the result
 // field as the kernel left it and the errno (0 on success). dst is the range start of the range

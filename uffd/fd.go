@@ -264,6 +264,9 @@ type Info struct {
 // Info reads the fd's state from /proc/self/fdinfo — the only place the kernel shows the
 // enabled feature set (UFFDIO_API answers with the supported set).
 func (f *FD) Info() (Info, error) {
+	if f.closed.Load() {
+		return Info{}, ErrClosed // the number may belong to another file by now
+	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", f.fd))
 	if err != nil {
 		return Info{}, fmt.Errorf("uffd: read fdinfo: %w", err)

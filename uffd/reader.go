@@ -100,8 +100,17 @@ func (r *Reader) TryRead(msgs []Msg) (int, error) {
 	if r.f.closed.Load() {
 		return 0, ErrClosed
 	}
+	buf := unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize)
 	for {
-		n, err := unix.Read(r.f.fd, unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize))
+		var n int
+		var err error
+		if r.f.blocking {
+			// read(2) of a blocking fd waits for a message (and poll(2) reports POLLERR on
+			// one): RWF_NOWAIT makes this one read non-blocking.
+			n, err = unix.Preadv2(r.f.fd, [][]byte{buf}, -1, unix.RWF_NOWAIT)
+		} else {
+			n, err = unix.Read(r.f.fd, buf)
+		}
 		switch err {
 		case nil:
 			return n / MsgSize, nil
@@ -109,6 +118,9 @@ func (r *Reader) TryRead(msgs []Msg) (int, error) {
 			continue
 		case unix.EAGAIN:
 			return 0, nil
+		case unix.EOPNOTSUPP:
+			return 0, &OpError{Op: "read", Errno: unix.EOPNOTSUPP, kind: ErrUnsupported,
+				Detail: "this kernel cannot read a blocking userfaultfd without waiting (RWF_NOWAIT)"}
 		}
 		return 0, r.mapErr(err)
 	}
