@@ -30,6 +30,13 @@ func requireKernel(t testing.TB, why string) {
 // needHugePages makes sure n default-size huge pages are free, raising the pool for the test.
 func needHugePages(t testing.TB, n int) {
 	t.Helper()
+	// Shared with every other test using huge pages, in any package; a test that empties the
+	// pool takes it exclusively.
+	unlock, err := memory.LockHugePages(false)
+	if err != nil {
+		requireKernel(t, err.Error())
+	}
+	t.Cleanup(unlock)
 	h, err := memory.ReadHugePages()
 	if err != nil {
 		requireKernel(t, "no hugetlb: "+err.Error())
