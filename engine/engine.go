@@ -510,7 +510,12 @@ func (w *worker) resolveLocked(pf uffd.Pagefault) error {
 	if st.installed.get(idx) {
 		return w.duplicate(st, pf, page, ps, idx)
 	}
-	w.dupRun = 0
+	if page != w.dupAddr {
+		// A fault on another page ends a run of duplicates. Not one on the same page: after
+		// duplicate forgets the page, the run must go on counting until the page really is
+		// installed, or an empty hugetlb pool (COPY says EEXIST forever) loops forever.
+		w.dupRun = 0
+	}
 	if st.fetching.get(idx) {
 		return nil // the fetch in flight installs and wakes it
 	}
@@ -539,6 +544,7 @@ func (w *worker) resolveLocked(pf uffd.Pagefault) error {
 	n, err := e.fd.Copy(page, uintptr(unsafe.Pointer(&src[0])), length, 0)
 	runtime.KeepAlive(src)
 	if done := int(n / ps); done > 0 {
+		w.dupRun = 0
 		st.installed.setRange(idx, idx+done)
 		st.stats.pagesFault.Add(1)
 		st.stats.pagesAround.Add(uint64(done - 1))
@@ -639,6 +645,7 @@ func (w *worker) zeroRun(st *pageState, pf uffd.Pagefault, page, length, ps uint
 		n, err = e.fd.Zeropage(page, length, 0)
 	}
 	if done := int(n / ps); done > 0 {
+		w.dupRun = 0
 		st.installed.setRange(idx, idx+done)
 		st.stats.pagesZero.Add(uint64(done))
 		st.stats.pagesFault.Add(1)

@@ -87,6 +87,12 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 			st.stats.bytes.Add(uint64(done))
 			st.stats.observeInstall(time.Since(j.at))
 		}
+		if errors.Is(err, uffd.ErrExist) {
+			// The page where the COPY stopped is mapped — or so the kernel says: an empty
+			// hugetlb pool answers EEXIST too. Mark it as the fault path does, so faults that
+			// keep coming for it count as duplicates and that livelock is caught (pitfall 3).
+			st.installed.setRange(j.idx+d, j.idx+d+1)
+		}
 		e.mu.RUnlock()
 		if errors.Is(err, uffd.ErrEventsPending) {
 			st.stats.retries.Add(1)
