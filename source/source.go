@@ -74,7 +74,12 @@ func (z *Zero) ReadAt(p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-func (z *Zero) ZeroRun(off, n int64) int64 { return min(n, z.size-off) }
+func (z *Zero) ZeroRun(off, n int64) int64 {
+	if off < 0 || off >= z.size {
+		return 0 // outside the image: nothing is known (and never a negative count)
+	}
+	return min(n, z.size-off)
+}
 
 var (
 	_ Resident = (*Memory)(nil)
