@@ -17,10 +17,12 @@ import (
 
 // Puppet is the parent's handle on a child process.
 type Puppet struct {
-	cmd  *exec.Cmd
-	sock int
+	cmd *exec.Cmd
 
-	mu      sync.Mutex
+	mu sync.Mutex // guards the fields below, and sends on sock
+	// sock is the control socket, -1 once closed. Only recvLoop closes it (under mu, after it
+	// stops receiving), so no goroutine ever uses the number after it may have been reused.
+	sock    int
 	nextID  int
 	waiting map[int]chan result
 	dead    error
@@ -56,18 +58,26 @@ func Start() (*Puppet, error) {
 	}
 	childEnd.Close()
 	p := &Puppet{cmd: cmd, sock: fds[0], waiting: map[int]chan result{}, done: make(chan struct{})}
-	go p.recvLoop()
+	go p.recvLoop(fds[0])
 	return p, nil
 }
 
 // Pid is the child's process id.
 func (p *Puppet) Pid() int { return p.cmd.Process.Pid }
 
-func (p *Puppet) recvLoop() {
+// recvLoop receives the replies on sock until the child closes its end or Wait shuts the socket
+// down, then closes sock.
+func (p *Puppet) recvLoop(sock int) {
+	defer func() {
+		p.mu.Lock()
+		unix.Close(sock)
+		p.sock = -1
+		p.mu.Unlock()
+	}()
 	buf := make([]byte, 1<<22)
 	oob := make([]byte, unix.CmsgSpace(4*8))
 	for {
-		n, oobn, _, _, err := unix.Recvmsg(p.sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		n, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
 		if err == unix.EINTR {
 			continue
 		}
@@ -129,17 +139,19 @@ func (p *Puppet) Go(req Request) (*Call, error) {
 	req.ID = p.nextID
 	ch := make(chan result, 1)
 	p.waiting[req.ID] = ch
-	p.mu.Unlock()
 	b, err := json.Marshal(req)
 	if err != nil {
+		p.mu.Unlock()
 		return nil, err
 	}
-	for {
+	err = unix.EPIPE
+	for p.sock >= 0 {
 		err = unix.Sendmsg(p.sock, b, nil, nil, 0)
 		if err != unix.EINTR {
 			break
 		}
 	}
+	p.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("puppet: send %s: %w", req.Op, err)
 	}
@@ -195,14 +207,13 @@ func (p *Puppet) Exit(code int) error {
 	return p.Wait()
 }
 
-// Wait reaps the child and closes the control socket.
+// Wait reaps the child and shuts the control socket down; the receiving goroutine then closes
+// it.
 func (p *Puppet) Wait() error {
 	err := p.cmd.Wait()
 	p.mu.Lock()
 	if p.sock >= 0 {
 		unix.Shutdown(p.sock, unix.SHUT_RDWR)
-		unix.Close(p.sock)
-		p.sock = -1
 	}
 	p.mu.Unlock()
 	return err
