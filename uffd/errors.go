@@ -117,6 +117,11 @@ func resolveErr(op string, start, length uintptr, mode, knownModes uint64, errno
 	case unix.EEXIST:
 		e.kind = ErrExist
 	case unix.ENOENT:
+		if op == "UFFDIO_MOVE" && ran {
+			// For MOVE the kernel's ENOENT is a hole in the source, not a registration problem.
+			e.Detail = "a source page is not mapped (MoveAllowSrcHoles counts holes as moved)"
+			break
+		}
 		e.kind = ErrNotRegistered
 		e.Detail = "not registered with this userfaultfd, or unmapped; wake the range"
 	case unix.ESRCH:
