@@ -77,8 +77,9 @@ type Engine struct {
 	wg       sync.WaitGroup
 }
 
-// New prepares an engine serving regions through fd. The engine owns fd from now on and closes
-// it when Run returns. Regions must not overlap and must lie within their sources.
+// New prepares an engine serving regions through fd. Once New succeeds the engine owns fd and
+// closes it when Run returns; if New fails, fd stays the caller's. Regions must not overlap and
+// must lie within their sources.
 func New(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 	if err := validate(regions); err != nil {
 		return nil, err
