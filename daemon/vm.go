@@ -102,9 +102,9 @@ func (v *vm) run() {
 
 // watchExit waits for the VMM process to exit: its pidfd becomes readable.
 func (v *vm) watchExit(exited chan<- struct{}) {
-	rc, err := v.pidfd.SyscallConn()
-	if err == nil {
-		err = rc.Read(func(fd uintptr) bool {
+	// Ends by readability (exit) or by the deadline end() sets; either way the VM is over.
+	if rc, err := v.pidfd.SyscallConn(); err == nil {
+		_ = rc.Read(func(fd uintptr) bool {
 			select {
 			case <-v.ended:
 				return true

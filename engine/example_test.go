@@ -58,7 +58,7 @@ func ExampleNew() {
 
 	// Where the VMM mapped guest memory, from the handshake.
 	regions := []engine.Region{{
-		Name: "guest", Base: 0x7f3a00000000, Size: 1 << 30, PageSize: 4096,
+		Name: "guest", Base: 0x40000000, Size: 1 << 30, PageSize: 4096,
 		Offset: 0, Source: snap,
 	}}
 	e, err := engine.New(fd, regions, engine.Options{

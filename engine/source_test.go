@@ -202,7 +202,7 @@ func TestZeroSource(t *testing.T) {
 func TestNewValidation(t *testing.T) {
 	const ps = 4096
 	src := source.NewZero(16 * ps)
-	base := uintptr(0x7f0000000000)
+	base := uintptr(0x40000000)
 	ok := engine.Region{Name: "a", Base: base, Size: 4 * ps, PageSize: ps, Source: src}
 	with := func(f func(r *engine.Region)) engine.Region { r := ok; f(&r); return r }
 	for _, tc := range []struct {

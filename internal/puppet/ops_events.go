@@ -81,11 +81,13 @@ func evMapAt(c *child, r *Request) (Reply, []int) {
 	if r.Addr == 0 || r.Addr%uint64(ps) != 0 || r.Size <= 0 || r.Size%ps != 0 {
 		return Reply{Err: "ev-map-at: address and size must be non-zero multiples of the page size"}, nil
 	}
-	p, _, errno := unix.Syscall6(unix.SYS_MMAP, uintptr(r.Addr), uintptr(r.Size), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
-	if errno != 0 {
-		return Reply{Err: fmt.Sprintf("ev-map-at %#x: %v", r.Addr, errno)}, nil
+	want := uintptr(r.Addr)
+	pp, err := unix.MmapPtr(-1, 0, *(*unsafe.Pointer)(unsafe.Pointer(&want)), uintptr(r.Size), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE)
+	if err != nil {
+		return Reply{Err: fmt.Sprintf("ev-map-at %#x: %v", r.Addr, err)}, nil
 	}
+	p := uintptr(pp)
 	if p != uintptr(r.Addr) {
 		unix.Syscall(unix.SYS_MUNMAP, p, uintptr(r.Size), 0)
 		return Reply{Err: fmt.Sprintf("ev-map-at %#x: kernel mapped at %#x", r.Addr, p)}, nil
