@@ -621,6 +621,15 @@ func (w *worker) duplicate(st *pageState, pf uffd.Pagefault, page, ps uintptr, i
 		}
 		return fmt.Errorf("engine: region %q: page %#x keeps faulting after it was installed", st.spec.Name, page)
 	}
+	if st.removed.get(idx) {
+		// A released page can be gone although we installed it: the kernel zaps the range only
+		// after we read its REMOVE, so zeros installed in between (for a fault queued meanwhile)
+		// are zapped too and the bit lies. Waking would send the thread straight back, over and
+		// over; install zeros again instead (EEXIST: it is there, wake). The bit is cleared so
+		// that an EAGAIN retry comes back as a fresh fault, not as another duplicate.
+		st.installed.clearRange(idx, idx+1)
+		return w.zeroFill(st, pf, page, ps, idx)
+	}
 	err := w.e.fd.Wake(page, ps)
 	if errors.Is(err, uffd.ErrProcessGone) {
 		return errStop
