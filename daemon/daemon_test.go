@@ -191,9 +191,8 @@ func TestBalloon(t *testing.T) {
 
 func needHugePages(t testing.TB, n int) {
 	t.Helper()
-	// Shared with every other test using huge pages, in any package; a test that empties the
-	// pool takes it exclusively.
-	unlock, err := memory.LockHugePages(false)
+	// Huge page users are serialized across the test processes of all packages.
+	unlock, err := memory.LockHugePages()
 	if err != nil {
 		requireKernel(t, err.Error())
 	}

@@ -30,9 +30,8 @@ func requireKernel(t testing.TB, why string) {
 // needHugePages makes sure n default-size huge pages are free, raising the pool for the test.
 func needHugePages(t testing.TB, n int) {
 	t.Helper()
-	// Shared with every other test using huge pages, in any package; a test that empties the
-	// pool takes it exclusively.
-	unlock, err := memory.LockHugePages(false)
+	// Huge page users are serialized across the test processes of all packages.
+	unlock, err := memory.LockHugePages()
 	if err != nil {
 		requireKernel(t, err.Error())
 	}

@@ -151,7 +151,7 @@ func TestPitfallEventsPendingRetries(t *testing.T) {
 // pages back. If something outside the lock refills the pool meanwhile (a page gets installed),
 // the attempt proves nothing and is repeated.
 func TestPitfallEmptyHugetlbPool(t *testing.T) {
-	unlock, err := memory.LockHugePages(true)
+	unlock, err := memory.LockHugePages()
 	if err != nil {
 		requireKernel(t, err.Error())
 	}
