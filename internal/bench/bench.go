@@ -66,7 +66,14 @@ type Result struct {
 
 // Label names a result's case briefly, e.g. "c seq x1 k64".
 func (r Result) Label() string {
-	return fmt.Sprintf("%s %s x%d k%d", r.Handler, r.Pattern, r.Threads, r.FaultAround)
+	h := r.Handler
+	if r.Handler == "go" && r.Spin < 0 {
+		h = "go(nospin)"
+	}
+	if r.FaultAround == 0 {
+		return fmt.Sprintf("%s %s x%d adaptive", h, r.Pattern, r.Threads)
+	}
+	return fmt.Sprintf("%s %s x%d k%d", h, r.Pattern, r.Threads, r.FaultAround)
 }
 
 // Env holds what the cases share: the snapshot file and the compiled C handler.
@@ -95,7 +102,7 @@ func NewEnv(size int) (*Env, error) {
 		return nil, fmt.Errorf("bench: source memory: %w", err)
 	}
 	puppet.Fill(e.mem, Seed, 0)
-	if err := os.WriteFile(e.snapshot, e.mem, 0o600); err != nil {
+	if err := writeSynced(e.snapshot, e.mem); err != nil {
 		e.Close()
 		return nil, fmt.Errorf("bench: snapshot: %w", err)
 	}
@@ -337,4 +344,22 @@ func (e *Env) runBulk(c Case) (Result, error) {
 		return Result{}, err
 	}
 	return Result{Case: c, Pages: pages, NsPerPage: float64(ns) / float64(pages), Wrong: rep.Mismatch}, nil
+}
+
+// writeSynced writes the snapshot and waits for it to reach the disk, so that writeback does not
+// run during the first cases; the pages stay in the page cache, as a snapshot served often does.
+func writeSynced(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -3,6 +3,7 @@
 package bench
 
 import (
+	"fmt"
 	"slices"
 )
 
@@ -18,6 +19,9 @@ func Suite(base Case) []Case {
 		add("c", "seq", 1, k)
 		add("go", "seq", 1, k)
 	}
+	// The engine without read spinning: the netpoller path alone against the C handler.
+	add("go", "seq", 1, 1)
+	cs[len(cs)-1].Spin = -1
 	add("bulk", "seq", 1, 1)
 	add("go", "seq", 1, 0) // adaptive fault-around vs bulk
 	add("go", "rand", 1, 1)
@@ -25,6 +29,56 @@ func Suite(base Case) []Case {
 	add("c", "rand", 1, 1)
 	add("c", "rand", 8, 1)
 	return cs
+}
+
+// RunAll measures every case reps times, round-robin (rep 1 of every case, then rep 2, ...) so
+// that drift of the machine — this VM's host backs guest memory lazily, the page cache warms —
+// spreads over all cases instead of landing on whichever runs first, after one untimed warm-up
+// pass over all of them. It returns each case's median run, in the cases' order. done, if not
+// nil, is called after each run.
+func RunAll(e *Env, cases []Case, reps int, done func(i, rep int, r Result)) ([]Result, error) {
+	runs := make([][]Result, len(cases))
+	for rep := -1; rep < max(reps, 1); rep++ {
+		for i, c := range cases {
+			r, err := e.Run(c)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", Result{Case: c}.Label(), err)
+			}
+			if r.Wrong != 0 {
+				return nil, fmt.Errorf("%s: %d wrong pages", r.Label(), r.Wrong)
+			}
+			if rep < 0 {
+				continue // warm-up
+			}
+			runs[i] = append(runs[i], r)
+			if done != nil {
+				done(i, rep, r)
+			}
+		}
+	}
+	out := make([]Result, len(cases))
+	for i, rs := range runs {
+		out[i] = median(rs)
+		if ref, ok := Reference(out[:i], out[i]); ok {
+			out[i].Ratio = out[i].NsPerPage / ref.NsPerPage
+			out[i].RatioTo = ref.Label()
+		}
+	}
+	return out, nil
+}
+
+func median(rs []Result) Result {
+	rs = slices.Clone(rs)
+	slices.SortFunc(rs, func(a, b Result) int {
+		switch {
+		case a.NsPerPage < b.NsPerPage:
+			return -1
+		case a.NsPerPage > b.NsPerPage:
+			return 1
+		}
+		return 0
+	})
+	return rs[len(rs)/2]
 }
 
 // Median runs c reps times and returns the run with the median ns/page.

@@ -83,30 +83,28 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	defer env.Close()
 	if !env.HasC() {
 		fmt.Fprintln(stderr, "faultline bench: C reference unavailable, its cases are skipped:", env.CrefErr)
+		var keep []bench.Case
+		for _, c := range cases {
+			if c.Handler != "c" {
+				keep = append(keep, c)
+			}
+		}
+		cases = keep
 	}
-	var results []bench.Result
-	const row = "%-7s %-7s %7s %-10s %-6s %9s %8s %9s %9s %12s  %s\n"
+	fmt.Fprintf(stderr, "faultline bench: %d cases x %d reps (+1 warm-up), round-robin, %s each\n", len(cases), *reps, *size)
+	results, err := bench.RunAll(env, cases, *reps, func(i, rep int, r bench.Result) {
+		fmt.Fprintf(stderr, "  rep %d/%d  %-22s %9.0f ns/page\n", rep+1, *reps, r.Label(), r.NsPerPage)
+	})
+	if err != nil {
+		fmt.Fprintln(stderr, "faultline bench:", err)
+		return 1
+	}
+	const row = "%-9s %-7s %7s %-10s %-6s %9s %8s %9s %9s %12s  %s\n"
 	if !*asJSON {
 		fmt.Fprintf(stdout, row, "HANDLER", "PATTERN", "THREADS", "AROUND", "SOURCE", "NS/PAGE", "FAULTS", "P50", "P99", "ALLOCS/FAULT", "RATIO")
 	}
-	for _, c := range cases {
-		if c.Handler == "c" && !env.HasC() {
-			continue
-		}
-		r, err := bench.Median(env, c, *reps)
-		if err != nil {
-			fmt.Fprintf(stderr, "faultline bench: %s %s x%d around %d: %v\n", c.Handler, c.Pattern, c.Threads, c.FaultAround, err)
-			return 1
-		}
-		if r.Wrong != 0 {
-			fmt.Fprintf(stderr, "faultline bench: %s served %d wrong pages\n", c.Handler, r.Wrong)
-			return 1
-		}
-		results = append(results, r)
-		if ref, ok := bench.Reference(results, r); ok {
-			r.Ratio = r.NsPerPage / ref.NsPerPage
-			r.RatioTo = ref.Label()
-		}
+	for _, r := range results {
+		c := r.Case
 		if *asJSON {
 			b, _ := json.Marshal(r)
 			fmt.Fprintln(stdout, string(b))
@@ -129,7 +127,11 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		if r.Faults > 0 {
 			faults = strconv.FormatUint(r.Faults, 10)
 		}
-		fmt.Fprintf(stdout, row, c.Handler, c.Pattern, strconv.Itoa(c.Threads), aroundS, c.Source,
+		h := c.Handler
+		if h == "go" && c.Spin < 0 {
+			h = "go-nospin"
+		}
+		fmt.Fprintf(stdout, row, h, c.Pattern, strconv.Itoa(c.Threads), aroundS, c.Source,
 			fmt.Sprintf("%.0f", r.NsPerPage), faults, p50, p99, allocs, vs)
 	}
 	return 0

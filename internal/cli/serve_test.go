@@ -129,7 +129,9 @@ func TestServeSecondSignalExits(t *testing.T) {
 	sock := filepath.Join(dir, "fc.sock")
 	var stderr lockedBuffer
 	code := make(chan int, 1)
-	go func() { code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--on-failure", "log"}, io.Discard, &stderr) }()
+	go func() {
+		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--on-failure", "log"}, io.Discard, &stderr)
+	}()
 	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
 	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 4 << 20}}})
 	if err != nil {
