@@ -402,3 +402,25 @@ func TestAPIReadAfterHandshake(t *testing.T) {
 		})
 	}
 }
+
+// NewFD refuses a userfaultfd whose handshake was never done: nothing could ever be read from it.
+func TestNewFDRefusesNoHandshake(t *testing.T) {
+	f, err := uffd.Open(uffd.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dup, err := unix.Dup(f.Fd())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := uffd.NewFD(dup, false)
+	if err == nil {
+		g.Close()
+		t.Fatal("NewFD accepted a userfaultfd without handshake")
+	}
+	unix.Close(dup)
+	if !errors.Is(err, uffd.ErrInvalid) || !strings.Contains(err.Error(), "UFFDIO_API") {
+		t.Fatalf("NewFD: %v", err)
+	}
+}

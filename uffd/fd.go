@@ -131,7 +131,8 @@ func (f *FD) initFile() {
 // NewFD takes ownership of fd, an existing userfaultfd: one received from another process over
 // SCM_RIGHTS (as Firecracker sends it), inherited, or from a fork event. It switches the open
 // file description to non-blocking (shared with every other holder of it) unless blocking is
-// true. The handshake is assumed done, as it is for fds received from a VMM.
+// true. The handshake must have been done, as it is for fds received from a VMM; an fd without
+// it is refused.
 func NewFD(fd int, blocking bool) (*FD, error) {
 	link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 	if err != nil {
@@ -139,6 +140,14 @@ func NewFD(fd int, blocking bool) (*FD, error) {
 	}
 	if link != "anon_inode:[userfaultfd]" {
 		return nil, fmt.Errorf("uffd: fd %d is %q, not a userfaultfd", fd, link)
+	}
+	// A peer may send an fd it never handshook: nothing could be read from it (and the
+	// netpoller would keep its EPOLLERR), so refuse it here with the reason.
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", fd)); err == nil {
+		if in, err := parseFDInfo(string(b)); err == nil && !in.Initialized {
+			return nil, &OpError{Op: "NewFD", Errno: unix.EINVAL, kind: ErrInvalid,
+				Detail: fmt.Sprintf("fd %d: the userfaultfd's handshake (UFFDIO_API) was never done", fd)}
+		}
 	}
 	if err := unix.SetNonblock(fd, !blocking); err != nil {
 		return nil, fmt.Errorf("uffd: fd %d: set O_NONBLOCK: %w", fd, err)
