@@ -279,8 +279,11 @@ func TestEventRemoveQueuedBeforeFault(t *testing.T) {
 			if err := stop(); err != nil {
 				t.Fatalf("Run: %v", err)
 			}
-			if st := e.Stats()[0]; st.PagesRemoved != 4 || st.PagesZero != 4 {
-				t.Errorf("PagesRemoved = %d, PagesZero = %d, want 4 and 4", st.PagesRemoved, st.PagesZero)
+			// A zero page installed for a fault in the gap between the REMOVE being read and the
+			// kernel's zap is zapped too; the next fault on it installs it again (counted as a
+			// duplicate first). So PagesZero is 4 plus at most one per duplicate.
+			if st := e.Stats()[0]; st.PagesRemoved != 4 || st.PagesZero < 4 || st.PagesZero > 4+st.Duplicates {
+				t.Errorf("PagesRemoved = %d, PagesZero = %d (duplicates %d), want 4 and 4..4+duplicates", st.PagesRemoved, st.PagesZero, st.Duplicates)
 			}
 		})
 	}
