@@ -16,21 +16,13 @@ import (
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/engine"
 	"github.com/faultline-go/faultline/firecracker"
-	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
 
 const seed = 0xfc
 
-// requireKernel fails under FAULTLINE_REQUIRE_KERNEL=1 (CI) and skips otherwise.
-func requireKernel(t testing.TB, why string) {
-	t.Helper()
-	if os.Getenv("FAULTLINE_REQUIRE_KERNEL") == "1" {
-		t.Fatalf("kernel test cannot run: %s (FAULTLINE_REQUIRE_KERNEL=1)", why)
-	}
-	t.Skip(why)
-}
 
 // snapshot writes a memory file of size bytes holding the pattern.
 func snapshot(t testing.TB, size int) string {
@@ -189,42 +181,8 @@ func TestBalloon(t *testing.T) {
 	}
 }
 
-func needHugePages(t testing.TB, n int) {
-	t.Helper()
-	// Huge page users are serialized across the test processes of all packages.
-	unlock, err := memory.LockHugePages()
-	if err != nil {
-		requireKernel(t, err.Error())
-	}
-	t.Cleanup(unlock)
-	h, err := memory.ReadHugePages()
-	if err != nil {
-		requireKernel(t, err.Error())
-	}
-	if h.Free >= n {
-		return
-	}
-	const path = "/proc/sys/vm/nr_hugepages"
-	old, _ := os.ReadFile(path)
-	if err := os.WriteFile(path, []byte(itoa(h.Total+n-h.Free)), 0); err != nil {
-		requireKernel(t, "cannot reserve hugepages: "+err.Error())
-	}
-	t.Cleanup(func() { os.WriteFile(path, bytes.TrimSpace(old), 0) })
-	if h, _ = memory.ReadHugePages(); h.Free < n {
-		requireKernel(t, "could not reserve hugepages")
-	}
-}
-
-func itoa(n int) string {
-	if n == 0 {
-		return "0"
-	}
-	s := ""
-	for ; n > 0; n /= 10 {
-		s = string(rune('0'+n%10)) + s
-	}
-	return s
-}
+// needHugePages reserves n free huge pages for the test (see kerneltest.HugePages).
+func needHugePages(t testing.TB, n int) { t.Helper(); kerneltest.HugePages(t, n) }
 
 // Many VMs at once from one daemon and one mapping of the memory file.
 func TestManyVMs(t *testing.T) {

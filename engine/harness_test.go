@@ -4,14 +4,13 @@ package engine_test
 
 import (
 	"context"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/source"
@@ -19,54 +18,10 @@ import (
 )
 
 // requireKernel fails under FAULTLINE_REQUIRE_KERNEL=1 (CI) and skips otherwise.
-func requireKernel(t testing.TB, why string) {
-	t.Helper()
-	if os.Getenv("FAULTLINE_REQUIRE_KERNEL") == "1" {
-		t.Fatalf("kernel test cannot run: %s (FAULTLINE_REQUIRE_KERNEL=1)", why)
-	}
-	t.Skip(why)
-}
+func requireKernel(t testing.TB, why string) { t.Helper(); kerneltest.Require(t, why) }
 
-// needHugePages makes sure n default-size huge pages are free, raising the pool for the test.
-func needHugePages(t testing.TB, n int) {
-	t.Helper()
-	// Huge page users are serialized across the test processes of all packages.
-	unlock, err := memory.LockHugePages()
-	if err != nil {
-		requireKernel(t, err.Error())
-	}
-	t.Cleanup(unlock)
-	h, err := memory.ReadHugePages()
-	if err != nil {
-		requireKernel(t, "no hugetlb: "+err.Error())
-	}
-	if h.Free >= n {
-		return
-	}
-	const path = "/proc/sys/vm/nr_hugepages"
-	old, err := os.ReadFile(path)
-	if err != nil {
-		requireKernel(t, err.Error())
-	}
-	if err := os.WriteFile(path, []byte(strings.TrimSpace(itoa(h.Total+n-h.Free))), 0); err != nil {
-		requireKernel(t, "cannot reserve hugepages: "+err.Error())
-	}
-	t.Cleanup(func() { os.WriteFile(path, []byte(strings.TrimSpace(string(old))), 0) })
-	if h, _ = memory.ReadHugePages(); h.Free < n {
-		requireKernel(t, "could not reserve enough hugepages")
-	}
-}
-
-func itoa(n int) string {
-	if n == 0 {
-		return "0"
-	}
-	var b []byte
-	for ; n > 0; n /= 10 {
-		b = append([]byte{byte('0' + n%10)}, b...)
-	}
-	return string(b)
-}
+// needHugePages reserves n free huge pages for the test (see kerneltest.HugePages).
+func needHugePages(t testing.TB, n int) { t.Helper(); kerneltest.HugePages(t, n) }
 
 // vm is a puppet child playing the VMM: memory of one kind, registered on a uffd it created
 // and sent over, as Firecracker does.

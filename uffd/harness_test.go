@@ -5,7 +5,6 @@ package uffd_test
 import (
 	"errors"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,52 +13,17 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// requireKernel fails (under CI, FAULTLINE_REQUIRE_KERNEL=1) or skips a test that cannot run
-// here. CI must never skip a kernel test silently.
-func requireKernel(t testing.TB, why string) {
-	t.Helper()
-	if os.Getenv("FAULTLINE_REQUIRE_KERNEL") == "1" {
-		t.Fatalf("kernel test cannot run: %s (FAULTLINE_REQUIRE_KERNEL=1)", why)
-	}
-	t.Skip(why)
-}
+// requireKernel fails under FAULTLINE_REQUIRE_KERNEL=1 (CI) and skips otherwise.
+func requireKernel(t testing.TB, why string) { t.Helper(); kerneltest.Require(t, why) }
 
-// needHugePages makes sure the default hugetlb pool has n free pages, raising nr_hugepages for
-// the test and restoring it afterwards.
-func needHugePages(t testing.TB, n int) {
-	t.Helper()
-	// Huge page users are serialized across the test processes of all packages.
-	unlock, err := memory.LockHugePages()
-	if err != nil {
-		requireKernel(t, err.Error())
-	}
-	t.Cleanup(unlock)
-	h, err := memory.ReadHugePages()
-	if err != nil {
-		requireKernel(t, "no hugetlb support: "+err.Error())
-	}
-	if h.Free >= n {
-		return
-	}
-	const path = "/proc/sys/vm/nr_hugepages"
-	old, err := os.ReadFile(path)
-	if err != nil {
-		requireKernel(t, "cannot read "+path+": "+err.Error())
-	}
-	want := h.Total + n - h.Free
-	if err := os.WriteFile(path, []byte(itoa(want)), 0); err != nil {
-		requireKernel(t, "cannot reserve hugepages (need root): "+err.Error())
-	}
-	t.Cleanup(func() { os.WriteFile(path, []byte(strings.TrimSpace(string(old))), 0) })
-	if h, _ = memory.ReadHugePages(); h.Free < n {
-		requireKernel(t, "could not reserve "+itoa(n)+" free hugepages (memory fragmented?)")
-	}
-}
+// needHugePages reserves n free huge pages for the test (see kerneltest.HugePages).
+func needHugePages(t testing.TB, n int) { t.Helper(); kerneltest.HugePages(t, n) }
 
 func itoa(n int) string {
 	var b [20]byte
