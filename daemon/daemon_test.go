@@ -23,7 +23,6 @@ import (
 
 const seed = 0xfc
 
-
 // snapshot writes a memory file of size bytes holding the pattern.
 func snapshot(t testing.TB, size int) string {
 	t.Helper()
