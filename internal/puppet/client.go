@@ -48,6 +48,12 @@ func Start() (*Puppet, error) {
 	childEnd := os.NewFile(uintptr(fds[1]), "puppet-control")
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), EnvVar+"=3")
+	if os.Getenv("GOMAXPROCS") == "" {
+		// A goroutine blocked in a page fault keeps its P. With one P per CPU, two threads
+		// blocked on faults (or inside non-preemptible copies) would leave none to answer the
+		// parent; plenty of Ps keep the command loop running whatever the touching threads do.
+		cmd.Env = append(cmd.Env, "GOMAXPROCS=32")
+	}
 	cmd.ExtraFiles = []*os.File{childEnd}
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
