@@ -123,3 +123,34 @@ func TestConnRejectsOtherFDs(t *testing.T) {
 		t.Fatalf("pipe as uffd: %v", err)
 	}
 }
+
+// A handshake with many regions (memory hotplug) is larger than one read: it is assembled
+// across reads, and the region count limit applies.
+func TestConnLargeMessage(t *testing.T) {
+	vmm, handler := pair(t)
+	const n = 2000
+	rs := make([]Region, n)
+	for i := range rs {
+		rs[i] = Region{Base: uintptr(1<<30 + i*(4<<20)), Size: 2 << 20, Offset: int64(i) << 21, PageSize: 4096}
+	}
+	msg, _ := Encode(rs, V1_12)
+	if len(msg) <= 64<<10 {
+		t.Fatalf("message of %d bytes fits one read; make it bigger", len(msg))
+	}
+	go vmm.WriteMsgUnix(msg, unix.UnixRights(newUffd(t)), nil)
+	c := NewConn(handler, Limits{FileSize: int64(n) << 21})
+	h, err := c.Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(h.UFFD)
+	if len(h.Regions) != n || h.Regions[n-1] != rs[n-1] {
+		t.Fatalf("got %d regions, last %+v", len(h.Regions), h.Regions[len(h.Regions)-1])
+	}
+	// The same message against a lower limit is refused.
+	vmm2, handler2 := pair(t)
+	go vmm2.WriteMsgUnix(msg, unix.UnixRights(newUffd(t)), nil)
+	if _, err := NewConn(handler2, Limits{FileSize: int64(n) << 21, MaxRegions: 100}).Next(); !errors.Is(err, ErrHandshake) {
+		t.Fatalf("over the region limit: %v", err)
+	}
+}
