@@ -5,7 +5,10 @@ import (
 	"io"
 )
 
-// Source is a memory image.
+// Source is a memory image. ReadAt may be slow and may fail; the engine calls it off the fault
+// path and never installs a page it could not read whole. It should return within a bounded
+// time (a remote source applies its own timeout): an engine that is stopping waits for reads in
+// flight.
 type Source interface {
 	io.ReaderAt
 	// Size is the image's length in bytes.
