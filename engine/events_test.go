@@ -314,9 +314,14 @@ func TestEventUnmap(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rep.Sigbus != 1 {
-				t.Errorf("the fault on the unmapped page took %d signals, want 1 SIGSEGV", rep.Sigbus)
+			// Usually the retried access finds the page gone: SIGSEGV. But the munmap runs on
+			// after its event is read, and a retry that lands before it finishes can be
+			// served by the kernel itself (the range no longer trapped). Either way the fault
+			// must end — no hang — and the engine must not fail; which way it went is logged.
+			if rep.Sigbus > 1 {
+				t.Errorf("the fault on the unmapped page took %d signals, want at most 1 SIGSEGV", rep.Sigbus)
 			}
+			t.Logf("fault on the page being unmapped ended with %d SIGSEGV", rep.Sigbus)
 			// The rest, in order: windows grow toward the hole and must stop at it.
 			v.touch(0, lo, seed, nil, 0)
 			v.touch(hi, n, seed, nil, 0)
