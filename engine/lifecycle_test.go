@@ -73,7 +73,8 @@ func TestCloseParkedWorkers(t *testing.T) {
 	if isUffd(fd) {
 		t.Errorf("fd %d is still a userfaultfd after Run returned", fd)
 	}
-	if n := numFDs(t); n != fds-1 {
+	// At least one fewer: an fd of an earlier test (a puppet's socket) may close meanwhile too.
+	if n := numFDs(t); n > fds-1 {
 		t.Errorf("fds: %d with the uffd, %d after Run; want one fewer", fds, n)
 	}
 	if !settle(func() bool { return runtime.NumGoroutine() <= g0 }) {
