@@ -40,6 +40,13 @@ func newVM(t testing.TB, kind memory.Kind, size int, features uffd.Feature, mode
 	if kind.Huge() {
 		needHugePages(t, size/(2<<20)+8)
 	}
+	return startVM(t, kind, size, features, mode)
+}
+
+// startVM is newVM without reserving huge pages: hugetlb areas are mapped MAP_NORESERVE and need
+// none until touched.
+func startVM(t testing.TB, kind memory.Kind, size int, features uffd.Feature, mode uffd.RegisterMode) *vm {
+	t.Helper()
 	p, err := puppet.Start()
 	if err != nil {
 		t.Fatal(err)

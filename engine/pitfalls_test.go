@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/faultline-go/faultline/engine"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
@@ -267,34 +265,9 @@ func emptyPoolAttempt(t *testing.T) bool {
 	return true
 }
 
-// newUnreservedVM is newVM without reserving huge pages, for a test that holds the huge page
-// lock exclusively (newVM would wait for it) and wants no free pages anyway: the hugetlb area is
-// mapped MAP_NORESERVE and needs none until it is touched.
+// newUnreservedVM is newVM without reserving huge pages, for a test that wants no free pages:
+// the hugetlb area is mapped MAP_NORESERVE and needs none until it is touched.
 func newUnreservedVM(t testing.TB, kind memory.Kind, size int, mode uffd.RegisterMode) *vm {
 	t.Helper()
-	p, err := puppet.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Kill)
-	v := &vm{t: t, p: p}
-	rep, fds, err := p.Do(puppet.Request{Op: "map", Kind: kind.String(), Size: size})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
-	v.area, v.addr, v.size, v.pageSize = rep.Area, uintptr(rep.Addr), rep.Size, rep.PageSize
-	_, fds, err = p.Do(puppet.Request{Op: "uffd"})
-	if err != nil || len(fds) != 1 {
-		t.Fatalf("uffd: %v (%d fds)", err, len(fds))
-	}
-	if v.fd, err = uffd.NewFD(fds[0], false); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := p.Do(puppet.Request{Op: "register", Area: v.area, Mode: uint64(mode)}); err != nil {
-		t.Fatal(err)
-	}
-	return v
+	return startVM(t, kind, size, 0, mode)
 }
