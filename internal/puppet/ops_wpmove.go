@@ -174,24 +174,11 @@ func opMove(c *child, r *Request) (Reply, []int) {
 		}
 	}
 
-	f, err := uffd.Open(uffd.Options{})
+	f, src, dst, release, err := moveSetup(size, pmdSize)
 	if err != nil {
-		return fail("open: %v", err)
+		return fail("%v", err)
 	}
-	defer f.Close()
-	if _, err := f.API(uffd.FeatureMove); err != nil {
-		return fail("API(MOVE): %v", err)
-	}
-	src, err := mapAligned(size, pmdSize)
-	if err != nil {
-		return fail("map src: %v", err)
-	}
-	defer unmapAligned(src)
-	dst, err := mapAligned(size, pmdSize)
-	if err != nil {
-		return fail("map dst: %v", err)
-	}
-	defer unmapAligned(dst)
+	defer release()
 	if err := unix.Madvise(src, advice); err != nil {
 		return fail("madvise src: %v", err)
 	}
@@ -330,24 +317,11 @@ func opMoveErrors(c *child, r *Request) (Reply, []int) {
 	}
 	ps := os.Getpagesize()
 	size := 4 * ps
-	f, err := uffd.Open(uffd.Options{})
+	f, src, dst, release, err := moveSetup(size, ps)
 	if err != nil {
-		return fail("open: %v", err)
+		return fail("%v", err)
 	}
-	defer f.Close()
-	if _, err := f.API(uffd.FeatureMove); err != nil {
-		return fail("API(MOVE): %v", err)
-	}
-	src, err := mapAligned(size, ps)
-	if err != nil {
-		return fail("map src: %v", err)
-	}
-	defer unmapAligned(src)
-	dst, err := mapAligned(size, ps)
-	if err != nil {
-		return fail("map dst: %v", err)
-	}
-	defer unmapAligned(dst)
+	defer release()
 	unix.Madvise(src, unix.MADV_NOHUGEPAGE)
 	unix.Madvise(dst, unix.MADV_NOHUGEPAGE)
 	Fill(src, r.Seed, 0)
@@ -461,4 +435,26 @@ func blockedChild(a *blockedArgs) {
 	for {
 		syscall.RawSyscall(unix.SYS_EXIT_GROUP, 0, 0, 0)
 	}
+}
+
+// moveSetup makes what the MOVE commands share: a userfaultfd of this process with FeatureMove,
+// and src and dst areas of size bytes aligned to align. done releases all three.
+func moveSetup(size, align int) (f *uffd.FD, src, dst []byte, done func(), err error) {
+	if f, err = uffd.Open(uffd.Options{}); err != nil {
+		return nil, nil, nil, nil, fmt.Errorf("open: %w", err)
+	}
+	if _, err = f.API(uffd.FeatureMove); err != nil {
+		f.Close()
+		return nil, nil, nil, nil, fmt.Errorf("API(MOVE): %w", err)
+	}
+	if src, err = mapAligned(size, align); err != nil {
+		f.Close()
+		return nil, nil, nil, nil, fmt.Errorf("map src: %w", err)
+	}
+	if dst, err = mapAligned(size, align); err != nil {
+		unmapAligned(src)
+		f.Close()
+		return nil, nil, nil, nil, fmt.Errorf("map dst: %w", err)
+	}
+	return f, src, dst, func() { unmapAligned(dst); unmapAligned(src); f.Close() }, nil
 }
