@@ -7,7 +7,6 @@ import (
 	"os"
 	"runtime"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -92,16 +91,7 @@ func TestAllocsReader(t *testing.T) {
 	t.Logf("TryRead: %d messages in 51 runs, %d empty tries", read, empty)
 
 	// Now serve for real.
-	h := newHandler(t, r, src)
-	h.run()
-	defer h.close()
-	rep, _, err := c.Wait(30 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rep.Mismatch != 0 || rep.Sigbus != 0 {
-		t.Fatalf("child saw %d wrong pages, %d SIGBUS", rep.Mismatch, rep.Sigbus)
-	}
+	serveTouch(t, r, src, c)
 }
 
 // TryRead of a blocking fd takes another path (preadv2 with RWF_NOWAIT); it allocates nothing

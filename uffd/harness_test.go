@@ -279,3 +279,20 @@ func newHandler(t testing.TB, r *remote, src []byte) *handler {
 	h := &handler{t: t, fd: r.fd, base: r.addr, pageSize: r.pageSize, src: src}
 	return h
 }
+
+// serveTouch serves the child's faults from src until the pending command c ends, and fails the
+// test if the child saw a wrong byte or a signal. The handler serves until the test ends.
+func serveTouch(t testing.TB, r *remote, src []byte, c *puppet.Call) *handler {
+	t.Helper()
+	h := newHandler(t, r, src)
+	h.run()
+	t.Cleanup(h.close)
+	rep, _, err := c.Wait(60 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Mismatch != 0 || rep.Sigbus != 0 {
+		t.Fatalf("child saw %d wrong pages (first bad byte at %d), %d SIGBUS", rep.Mismatch, rep.FirstBad, rep.Sigbus)
+	}
+	return h
+}

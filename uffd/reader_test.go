@@ -126,16 +126,7 @@ func TestReaderBatch(t *testing.T) {
 			for i := range msgs[:n] {
 				copyPage(t, r, src, msgs[i].Pagefault().Address)
 			}
-			h := newHandler(t, r, src)
-			h.run()
-			defer h.close()
-			rep, _, err := c.Wait(30 * time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if rep.Mismatch != 0 || rep.Sigbus != 0 {
-				t.Fatalf("child saw %d wrong pages, %d SIGBUS", rep.Mismatch, rep.Sigbus)
-			}
+			serveTouch(t, r, src, c)
 		})
 	}
 }

@@ -4,7 +4,6 @@ package uffd_test
 
 import (
 	"testing"
-	"time"
 
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
@@ -17,17 +16,8 @@ func TestCrossProcessServe(t *testing.T) {
 	kindsFor(t, memory.Kinds, func(t *testing.T, k memory.Kind) {
 		r := newRemote(t, remoteOpts{kind: k, size: 8 << 20, mode: uffd.ModeMissing})
 		src := source(t, r.size, 7)
-		h := newHandler(t, r, src)
-		h.run()
-		defer h.close()
 		c := r.start(puppet.Request{Op: "touch", Threads: 2, Verify: "pattern", Seed: 7})
-		rep, _, err := c.Wait(60 * time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if rep.Mismatch != 0 || rep.Sigbus != 0 {
-			t.Fatalf("child saw %d wrong pages (first bad byte at %d), %d SIGBUS", rep.Mismatch, rep.FirstBad, rep.Sigbus)
-		}
+		h := serveTouch(t, r, src, c)
 		if got, want := h.missing.Load(), int64(r.size/r.pageSize); got < want {
 			t.Fatalf("handler served %d missing faults, want at least %d", got, want)
 		}
