@@ -546,11 +546,7 @@ func (w *worker) resolveLocked(pf uffd.Pagefault) error {
 	runtime.KeepAlive(src)
 	if done := int(n / ps); done > 0 {
 		w.dupRun = 0
-		st.installed.setRange(idx, idx+done)
-		st.stats.pagesFault.Add(1)
-		st.stats.pagesAround.Add(uint64(done - 1))
-		st.stats.bytes.Add(uint64(n))
-		st.stats.observeInstall(time.Since(w.batchAt))
+		st.recordInstall(idx, done, uint64(n), w.batchAt)
 		if err != nil && errors.Is(err, uffd.ErrPartial) {
 			return nil // the faulting page is in; the rest stopped at a mapped page
 		}
@@ -656,11 +652,8 @@ func (w *worker) zeroRun(st *pageState, pf uffd.Pagefault, page, length, ps uint
 	}
 	if done := int(n / ps); done > 0 {
 		w.dupRun = 0
-		st.installed.setRange(idx, idx+done)
 		st.stats.pagesZero.Add(uint64(done))
-		st.stats.pagesFault.Add(1)
-		st.stats.pagesAround.Add(uint64(done - 1))
-		st.stats.observeInstall(time.Since(w.batchAt))
+		st.recordInstall(idx, done, 0, w.batchAt)
 		if err != nil && errors.Is(err, uffd.ErrPartial) {
 			return nil
 		}

@@ -81,11 +81,7 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 		}
 		d := int(done / ps)
 		if d > 0 {
-			st.installed.setRange(j.idx, j.idx+d)
-			st.stats.pagesFault.Add(1)
-			st.stats.pagesAround.Add(uint64(d - 1))
-			st.stats.bytes.Add(uint64(done))
-			st.stats.observeInstall(time.Since(j.at))
+			st.recordInstall(j.idx, d, uint64(done), j.at)
 		}
 		if errors.Is(err, uffd.ErrExist) {
 			// The page where the COPY stopped is mapped — or so the kernel says: an empty

@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 	"sort"
+	"time"
 
 	"github.com/faultline-go/faultline/source"
 )
@@ -135,4 +136,14 @@ func validate(rs []Region) error {
 		}
 	}
 	return nil
+}
+
+// recordInstall marks pages [idx, idx+n) installed for one fault read at `at` and counts them:
+// the faulting page, n-1 pages around it, and the bytes copied from the source.
+func (p *pageState) recordInstall(idx, n int, bytes uint64, at time.Time) {
+	p.installed.setRange(idx, idx+n)
+	p.stats.pagesFault.Add(1)
+	p.stats.pagesAround.Add(uint64(n - 1))
+	p.stats.bytes.Add(bytes)
+	p.stats.observeInstall(time.Since(at))
 }
