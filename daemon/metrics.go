@@ -4,8 +4,6 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/faultline-go/faultline/engine"
 )
 
 // Collector exports the daemon's counters to Prometheus: totals over every VM served since
@@ -36,15 +34,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	d := (*Daemon)(c)
-	d.mu.Lock()
-	t := d.finished
-	t.latency = mergeHist(engine.EmptyHistogram(), t.latency)
-	live := 0
-	for v := range d.vms {
-		t.add(v.totals())
-		live++
-	}
-	d.mu.Unlock()
+	t, live := d.allTotals()
 	counter := func(desc *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(v), labels...)
 	}

@@ -139,15 +139,21 @@ type Summary struct {
 
 // Summary returns the running totals (live VMs read now).
 func (d *Daemon) Summary() Summary {
-	d.mu.Lock()
-	t := d.finished
-	t.latency = mergeHist(engine.EmptyHistogram(), t.latency)
-	live := len(d.vms)
-	for v := range d.vms {
-		t.add(v.totals())
-	}
-	d.mu.Unlock()
+	t, live := d.allTotals()
 	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround,
 		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
 		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
+}
+
+// allTotals sums the ended VMs and the live ones (read now), and counts the live ones.
+func (d *Daemon) allTotals() (totals, int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	t := d.finished
+	// A fresh histogram: adding the live VMs must not write into d.finished's counts.
+	t.latency = mergeHist(engine.EmptyHistogram(), t.latency)
+	for v := range d.vms {
+		t.add(v.totals())
+	}
+	return t, len(d.vms)
 }
