@@ -17,7 +17,7 @@ var (
 	descLive    = prometheus.NewDesc("faultline_vms_live", "VMs being served.", nil, nil)
 	descVMs     = prometheus.NewDesc("faultline_vms_total", "VMs served since start (ended and live).", nil, nil)
 	descFaults  = prometheus.NewDesc("faultline_faults_total", "Page-fault messages read.", nil, nil)
-	descPages   = prometheus.NewDesc("faultline_pages_installed_total", "Pages installed, by cause.", []string{"cause"}, nil)
+	descPages   = prometheus.NewDesc("faultline_pages_installed_total", "Pages installed, by cause: fault (source data for the faulting page), fault_around (source data ahead of it), zero (zero pages); the causes partition the pages installed.", []string{"cause"}, nil)
 	descRemoved = prometheus.NewDesc("faultline_pages_removed_total", "Pages dropped by REMOVE events (balloon).", nil, nil)
 	descBytes   = prometheus.NewDesc("faultline_bytes_copied_total", "Bytes copied from the memory file.", nil, nil)
 	descRetries = prometheus.NewDesc("faultline_retries_total", "Installs retried because events were pending.", nil, nil)

@@ -108,7 +108,7 @@ func (v *vm) report() Report {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	r := Report{VM: v.id, Pid: v.pid, Regions: v.regions, Cause: v.endCause, Duration: time.Since(v.started),
-		Faults: t.faults, Pages: t.pagesFault + t.pagesAround, ZeroPages: t.pagesZero, Bytes: t.bytes,
+		Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero, ZeroPages: t.pagesZero, Bytes: t.bytes,
 		Retries: t.retries, Errors: t.errors, P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 	if v.version != 0 {
 		r.Version = v.version.String()
@@ -140,7 +140,7 @@ type Summary struct {
 // Summary returns the running totals (live VMs read now).
 func (d *Daemon) Summary() Summary {
 	t, live := d.allTotals()
-	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround,
+	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero,
 		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
 		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 }

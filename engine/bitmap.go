@@ -49,6 +49,19 @@ func (b *bitmap) nextSet(i, j int) int {
 	return j
 }
 
+// nextClear returns the first clear index in [i, j), or j.
+func (b *bitmap) nextClear(i, j int) int {
+	for i < j {
+		w, lo := i>>6, i&63
+		v := ^b.w[w].Load() >> lo
+		if v != 0 {
+			return min(j, i+bits.TrailingZeros64(v))
+		}
+		i += 64 - lo
+	}
+	return j
+}
+
 // count returns the number of set bits.
 func (b *bitmap) count() int {
 	c := 0
@@ -58,12 +71,10 @@ func (b *bitmap) count() int {
 	return c
 }
 
-// copyFrom copies src's bits [si, si+n) to [di, di+n) (same size bitmaps not required).
-func (b *bitmap) copyFrom(src *bitmap, si, di, n int) {
-	for k := 0; k < n; k++ {
-		if src.get(si + k) {
-			b.setRange(di+k, di+k+1)
-		}
+// copyFrom makes b's bits those of src, a bitmap of the same size.
+func (b *bitmap) copyFrom(src *bitmap) {
+	for i := range b.w {
+		b.w[i].Store(src.w[i].Load())
 	}
 }
 

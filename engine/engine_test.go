@@ -29,7 +29,7 @@ func TestServeEveryKind(t *testing.T) {
 				t.Fatalf("Run: %v", err)
 			}
 			st := e.Stats()[0]
-			if got := int(st.PagesFault + st.PagesAround); got != v.size/v.pageSize {
+			if got := int(st.Pages()); got != v.size/v.pageSize {
 				t.Errorf("installed %d pages, want %d (stats %+v)", got, v.size/v.pageSize, st)
 			}
 			t.Logf("%v: faults %d, around %d, dup %d, p50 %v", k, st.Faults, st.PagesAround, st.Duplicates, st.Latency.Quantile(0.5))

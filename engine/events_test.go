@@ -377,7 +377,7 @@ func TestEventRemap(t *testing.T) {
 					t.Fatalf("Run: %v", err)
 				}
 				st := e.Stats()[0]
-				if got := st.PagesFault + st.PagesAround; got != uint64(n) {
+				if got := st.Pages(); got != uint64(n) {
 					t.Errorf("installed %d pages in all, want %d: each exactly once (%s)", got, n, statsLine(st))
 				}
 				if st.PagesZero != 0 || st.PagesRemoved != 0 {
@@ -452,7 +452,7 @@ func TestEventFork(t *testing.T) {
 				t.Fatal("the forked child's engine still runs after the parent's stopped")
 			}
 			cs := c.Stats()[0]
-			if got := cs.PagesFault + cs.PagesAround; got != uint64(n-filled) {
+			if got := cs.Pages(); got != uint64(n-filled) {
 				t.Errorf("the forked child's engine installed %d pages, want %d: the %d the parent had must not fault again (%s)", got, n-filled, filled, statsLine(cs))
 			}
 			if cs.PagesZero != uint64(zero.count()) || cs.Duplicates != 0 {

@@ -5,10 +5,9 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 	"unsafe"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/faultline-go/faultline/uffd"
 )
@@ -16,37 +15,38 @@ import (
 // fetchJob is a run of pages to read from a non-resident source and install.
 type fetchJob struct {
 	st    *pageState
-	addr  uintptr // address of page idx in the faulting process
+	addr  uintptr // address of page idx when the fault was read (it may move: REMAP)
 	idx   int
 	pages int
 	at    time.Time
 }
 
+// startFetchers starts the fetcher goroutines and their queue, once: an engine whose sources
+// are all resident never has them.
+func (e *Engine) startFetchers() {
+	e.fetchOnce.Do(func() {
+		e.fetchq = make(chan fetchJob, 1024)
+		for i := 0; i < e.opts.Fetchers; i++ {
+			e.fetchers.Add(1)
+			go e.fetcher()
+		}
+	})
+}
+
 // fetcher reads runs from slow sources off the fault path, then installs them under the shared
 // lock, re-checking removals that happened while the read was in flight.
 func (e *Engine) fetcher() {
-	defer e.wg.Done()
+	defer e.fetchers.Done()
+	// The kernel copies from buf during UFFDIO_COPY, a synchronous call: an ordinary slice
+	// serves (the Go heap does not move objects), reused across jobs.
 	var buf []byte
-	defer func() {
-		if buf != nil {
-			unix.Munmap(buf)
-		}
-	}()
 	for j := range e.fetchq {
-		ps := j.st.spec.PageSize
-		need := j.pages * int(ps)
-		if len(buf) < need {
-			if buf != nil {
-				unix.Munmap(buf)
-			}
-			var err error
-			// Outside the Go heap: the kernel reads it during COPY and nothing may move it.
-			buf, err = unix.Mmap(-1, 0, need, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-			if err != nil {
-				e.fail(fmt.Errorf("engine: fetch buffer: %w", err))
-				j.st.fetching.clearRange(j.idx, j.idx+j.pages)
-				continue
-			}
+		if e.stopping.Load() {
+			continue // drain
+		}
+		need := j.pages * int(j.st.spec.PageSize)
+		if cap(buf) < need {
+			buf = make([]byte, need)
 		}
 		if err := e.fetch(j, buf[:need]); err != nil {
 			j.st.stats.errors.Add(1)
@@ -72,44 +72,78 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 			return nil
 		}
 		e.mu.RLock()
-		// Pages removed while the read was in flight get zeros, not what we read.
-		pages := st.removed.nextSet(j.idx, j.idx+j.pages) - j.idx
-		var done uintptr
-		err = nil
-		if pages > 0 {
-			done, err = e.fd.Copy(j.addr, uintptr(unsafe.Pointer(&buf[0])), uintptr(pages)*ps, 0)
-		}
-		d := int(done / ps)
-		if d > 0 {
-			st.recordInstall(j.idx, d, uint64(done), j.at)
-		}
-		if errors.Is(err, uffd.ErrExist) {
-			// The page where the COPY stopped is mapped — or so the kernel says: an empty
-			// hugetlb pool answers EEXIST too. Mark it as the fault path does, so faults that
-			// keep coming for it count as duplicates and that livelock is caught (pitfall 3).
-			st.installed.setRange(j.idx+d, j.idx+d+1)
-		}
+		// Where the pages are now: a REMAP read while the read was in flight moved them, and
+		// an UNMAP dropped them. Each piece is installed up to its first page removed
+		// meanwhile (those get zeros when they fault again, never what we read).
+		var ierr error
+		var installed int
+		e.tab.Load().each(st, j.idx, j.pages, func(addr uintptr, idx, n int) {
+			if ierr != nil {
+				return
+			}
+			pages := st.removed.nextSet(idx, idx+n) - idx
+			if pages == 0 {
+				return
+			}
+			src := buf[(idx-j.idx)*int(ps):]
+			done, err := e.fd.Copy(addr, uintptr(unsafe.Pointer(&src[0])), uintptr(pages)*ps, 0)
+			if d := int(done / ps); d > 0 {
+				st.recordInstall(idx, d, uint64(done), false, j.at)
+				installed += d
+				if errors.Is(err, uffd.ErrExist) {
+					// The page where the COPY stopped is mapped — or so the kernel says: an
+					// empty hugetlb pool answers EEXIST too. Mark it as the fault path does,
+					// so faults that keep coming for it count as duplicates and that
+					// livelock is caught.
+					st.installed.setRange(idx+d, idx+d+1)
+				}
+			} else if errors.Is(err, uffd.ErrExist) {
+				st.installed.setRange(idx, idx+1)
+			}
+			switch {
+			case err == nil, errors.Is(err, uffd.ErrPartial), errors.Is(err, uffd.ErrExist), errors.Is(err, uffd.ErrNotRegistered):
+			default:
+				ierr = err
+			}
+		})
 		e.mu.RUnlock()
-		if errors.Is(err, uffd.ErrEventsPending) {
+		if errors.Is(ierr, uffd.ErrEventsPending) {
 			st.stats.retries.Add(1)
-			time.Sleep(20 * time.Microsecond) // the workers read the events; then retry
+			time.Sleep(20 * time.Microsecond) // the reader reads the events; then retry
 			continue
 		}
+		runtime.KeepAlive(buf)
 		// Faults on pages of this run were dropped while it was in flight; those not installed
-		// now must fault again and be served afresh: clear the mark, then wake them.
+		// now must fault again and be served afresh: clear the mark, then wake them — where the
+		// pages are now, and where they were when the fault was queued (a thread that faulted
+		// there before an mremap sleeps on that address).
 		st.fetching.clearRange(j.idx, j.idx+j.pages)
-		if d < j.pages {
-			if werr := e.fd.Wake(j.addr+uintptr(d)*ps, uintptr(j.pages-d)*ps); werr != nil && !errors.Is(werr, uffd.ErrProcessGone) {
+		if installed < j.pages {
+			if werr := e.wakeRun(st, j); werr != nil {
 				return werr
 			}
 		}
 		switch {
-		case err == nil, errors.Is(err, uffd.ErrPartial), errors.Is(err, uffd.ErrExist), errors.Is(err, uffd.ErrNotRegistered):
+		case ierr == nil:
 			return nil
-		case errors.Is(err, uffd.ErrProcessGone):
+		case errors.Is(ierr, uffd.ErrProcessGone):
 			e.fail(ErrProcessGone)
 			return nil
 		}
-		return fmt.Errorf("engine: region %q: install fetched page %#x: %w", st.spec.Name, j.addr, err)
+		return fmt.Errorf("engine: region %q: install fetched pages at %#x: %w", st.spec.Name, j.addr, ierr)
 	}
+}
+
+// wakeRun wakes the threads that may sleep on pages of a fetch job.
+func (e *Engine) wakeRun(st *pageState, j fetchJob) error {
+	ps := st.spec.PageSize
+	var werr error
+	wake := func(addr uintptr, n int) {
+		if err := e.fd.Wake(addr, uintptr(n)*ps); err != nil && !errors.Is(err, uffd.ErrProcessGone) && werr == nil {
+			werr = err
+		}
+	}
+	e.tab.Load().each(st, j.idx, j.pages, func(addr uintptr, _, n int) { wake(addr, n) })
+	wake(j.addr, j.pages)
+	return werr
 }

@@ -41,7 +41,7 @@ func newPageState(r Region, fa FaultAround) *pageState {
 	}
 	ps.resident, _ = r.Source.(source.Resident)
 	ps.zeros, _ = r.Source.(source.Zeros)
-	ps.fa.init(fa)
+	ps.fa.init(fa, r.PageSize)
 	return ps
 }
 
@@ -49,9 +49,9 @@ func newPageState(r Region, fa FaultAround) *pageState {
 // pages (the child inherited them), fresh counters.
 func (p *pageState) clone(fa FaultAround) *pageState {
 	c := newPageState(p.spec, fa)
-	c.installed.copyFrom(p.installed, 0, 0, p.pages)
-	c.removed.copyFrom(p.removed, 0, 0, p.pages)
-	c.dirty.copyFrom(p.dirty, 0, 0, p.pages)
+	c.installed.copyFrom(p.installed)
+	c.removed.copyFrom(p.removed)
+	c.dirty.copyFrom(p.dirty)
 	return c
 }
 
@@ -68,6 +68,10 @@ func (s *span) end() uintptr { return s.base + uintptr(s.n)*s.st.spec.PageSize }
 
 // table is an immutable sorted list of spans; the engine swaps in a new one on REMAP/UNMAP.
 type table []span
+
+func (t table) sort() {
+	sort.Slice(t, func(i, j int) bool { return t[i].base < t[j].base })
+}
 
 func (t table) lookup(addr uintptr) *span {
 	i := sort.Search(len(t), func(i int) bool { return t[i].end() > addr })
@@ -100,9 +104,10 @@ func (t table) without(start, end uintptr) table {
 	return out
 }
 
-// moved returns t with [from, from+n) moved to [to, to+n) (mremap).
+// moved returns t with [from, from+n) moved to [to, to+n) (mremap). Whatever was mapped at the
+// destination is gone (mremap with MREMAP_FIXED unmaps it first), so its spans are dropped.
 func (t table) moved(from, to, n uintptr) table {
-	out := t.without(from, from+n)
+	out := t.without(from, from+n).without(to, to+n)
 	for _, s := range t {
 		ps := s.st.spec.PageSize
 		lo, hi := max(s.base, from), min(s.end(), from+n)
@@ -112,8 +117,22 @@ func (t table) moved(from, to, n uintptr) table {
 		k := int((lo - s.base) / ps)
 		out = append(out, span{base: to + (lo - from), first: s.first + k, n: int((hi - lo + ps - 1) / ps), st: s.st})
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].base < out[j].base })
+	out.sort()
 	return out
+}
+
+// each calls fn for every run of pages [idx, idx+n) of st that is mapped now, with the address
+// of its first page: after a REMAP a run can be elsewhere, or split, or partly unmapped.
+func (t table) each(st *pageState, idx, n int, fn func(addr uintptr, idx, n int)) {
+	for _, s := range t {
+		if s.st != st {
+			continue
+		}
+		lo, hi := max(idx, s.first), min(idx+n, s.first+s.n)
+		if lo < hi {
+			fn(s.base+uintptr(lo-s.first)*st.spec.PageSize, lo, hi-lo)
+		}
+	}
 }
 
 func validate(rs []Region) error {
@@ -138,12 +157,17 @@ func validate(rs []Region) error {
 	return nil
 }
 
-// recordInstall marks pages [idx, idx+n) installed for one fault read at `at` and counts them:
-// the faulting page, n-1 pages around it, and the bytes copied from the source.
-func (p *pageState) recordInstall(idx, n int, bytes uint64, at time.Time) {
+// recordInstall marks pages [idx, idx+n) installed for one fault read at `at` and counts them,
+// as zero pages or as the faulting page and n-1 pages around it, and the bytes copied from the
+// source. The three page counters partition the pages installed.
+func (p *pageState) recordInstall(idx, n int, bytes uint64, zero bool, at time.Time) {
 	p.installed.setRange(idx, idx+n)
-	p.stats.pagesFault.Add(1)
-	p.stats.pagesAround.Add(uint64(n - 1))
+	if zero {
+		p.stats.pagesZero.Add(uint64(n))
+	} else {
+		p.stats.pagesFault.Add(1)
+		p.stats.pagesAround.Add(uint64(n - 1))
+	}
 	p.stats.bytes.Add(bytes)
 	p.stats.observeInstall(time.Since(at))
 }

@@ -17,9 +17,9 @@ type Stats struct {
 	Minor      uint64 // MINOR faults (resolved with CONTINUE)
 	Duplicates uint64 // faults on pages already installed (each faulting thread reports its own)
 
-	PagesFault   uint64 // pages installed for the faulting page itself
-	PagesAround  uint64 // pages installed ahead of faults (fault-around)
-	PagesZero    uint64 // pages installed as zero pages (removed ranges, known-zero source runs)
+	PagesFault   uint64 // source pages installed for the faulting page itself
+	PagesAround  uint64 // source pages installed ahead of faults (fault-around)
+	PagesZero    uint64 // zero pages installed (removed ranges, known-zero source runs), faulting or ahead
 	PagesRemoved uint64 // pages dropped by REMOVE events
 	Bytes        uint64 // bytes copied from the source
 
@@ -31,6 +31,9 @@ type Stats struct {
 	// FirstInstall is when the first page was installed (zero if none yet).
 	FirstInstall time.Time
 }
+
+// Pages is the number of pages installed: PagesFault, PagesAround and PagesZero partition it.
+func (s Stats) Pages() uint64 { return s.PagesFault + s.PagesAround + s.PagesZero }
 
 type counters struct {
 	faults, missing, wp, minor, duplicates           atomic.Uint64

@@ -1,0 +1,259 @@
+//go:build linux
+
+package engine
+
+import (
+	"fmt"
+	"runtime"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/faultline-go/faultline/uffd"
+)
+
+// reader is the one goroutine that reads the userfaultfd (Run's own). It applies each batch's
+// events under the exclusive lock, then resolves the batch's faults as an installer, handing
+// all but the first to the helpers when there are any. Its buffers are allocated once.
+type reader struct {
+	e       *Engine
+	in      *installer
+	msgs    []uffd.Msg
+	n       int
+	readErr error
+	readFn  func(fd uintptr) bool
+	forks   []int // child uffds of the batch's FORK events, started once the lock is released
+	clones  []forkState
+	at      time.Time // when the batch was read
+	spin    int       // current spin budget, adapted between 1 and Options.SpinReads
+	pfd     []unix.PollFd
+	locked  bool // PollThread: this goroutine holds its OS thread
+}
+
+func (e *Engine) newReader() *reader {
+	r := &reader{e: e, in: e.newInstaller(), msgs: make([]uffd.Msg, 64), spin: e.opts.SpinReads}
+	r.readFn = r.readLocked
+	r.pfd = []unix.PollFd{{Fd: int32(e.fd.Fd()), Events: unix.POLLIN}}
+	return r
+}
+
+func (r *reader) run() error {
+	e := r.e
+	defer func() {
+		if r.locked {
+			runtime.UnlockOSThread()
+		}
+	}()
+	for !e.stopping.Load() {
+		r.n, r.readErr = 0, nil
+		if len(r.in.deferred) > 0 {
+			// Faults wait on events: read without parking (the events make the fd readable
+			// anyway), then retry them; back off briefly when nothing new came — the flag that
+			// makes ioctls fail stays up until the madvise caller runs again, after the read.
+			if !r.tryRead() {
+				time.Sleep(20 * time.Microsecond)
+			}
+		} else if err := r.wait(); err != nil {
+			return err
+		}
+		if r.readErr != nil {
+			return r.readErr
+		}
+		r.startForks()
+		if err := r.serveBatch(); err != nil {
+			return err
+		}
+		if err := r.in.retryDeferred(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ready reports whether the fd has messages, without reading (and without the lock).
+func (r *reader) ready(timeoutMs int) bool {
+	n, err := unix.Poll(r.pfd, timeoutMs)
+	return err == nil && n > 0
+}
+
+// tryRead reads a batch if one is pending; it never blocks.
+func (r *reader) tryRead() bool {
+	if !r.ready(0) {
+		return false
+	}
+	return r.readLocked(uintptr(r.e.fd.Fd()))
+}
+
+// wait returns with a batch read (r.n > 0), or with r.n == 0 when the engine stops.
+func (r *reader) wait() error {
+	e := r.e
+	for spin := 0; spin < r.spin; spin++ {
+		if e.stopping.Load() {
+			return nil
+		}
+		if r.tryRead() {
+			if spin > 0 {
+				r.spin = min(r.spin*2, e.opts.SpinReads)
+			}
+			return nil
+		}
+		// Yield the CPU, not just the P: on a CPU shared with the faulting thread, that thread
+		// runs now and its next fault is what the next look finds.
+		unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+	}
+	if r.spin > 1 {
+		r.spin /= 2
+	}
+	if e.opts.PollThread {
+		return r.pollWait()
+	}
+	if err := e.rc.Read(r.readFn); err != nil {
+		if e.stopping.Load() {
+			return nil
+		}
+		return fmt.Errorf("engine: read userfaultfd: %w", err)
+	}
+	return nil
+}
+
+// pollWait waits for messages in poll(2) on this goroutine's own thread, then reads a batch.
+func (r *reader) pollWait() error {
+	e := r.e
+	if !r.locked {
+		runtime.LockOSThread()
+		r.locked = true
+	}
+	for !e.stopping.Load() {
+		// A timeout so that Close is noticed; messages wake poll at once.
+		n, err := unix.Poll(r.pfd, 50)
+		if err != nil && err != unix.EINTR {
+			return fmt.Errorf("engine: poll userfaultfd: %w", err)
+		}
+		if n > 0 && r.readLocked(uintptr(e.fd.Fd())) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// readLocked reads one batch under the exclusive lock and applies its events before releasing
+// it. It returns false when nothing was pending (the netpoller then parks the reader).
+func (r *reader) readLocked(fd uintptr) bool {
+	e := r.e
+	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
+	for {
+		if e.stopping.Load() {
+			r.n = 0
+			return true
+		}
+		e.mu.Lock()
+		n, err := unix.Read(int(fd), buf)
+		switch err {
+		case nil:
+		case unix.EAGAIN:
+			e.mu.Unlock()
+			return false
+		case unix.EINTR:
+			e.mu.Unlock()
+			continue
+		default:
+			e.mu.Unlock()
+			r.n, r.readErr = 0, fmt.Errorf("engine: read userfaultfd: %w", err)
+			return true
+		}
+		r.n = n / uffd.MsgSize
+		r.at = time.Now()
+		r.readErr = r.applyEvents()
+		e.mu.Unlock()
+		return true
+	}
+}
+
+// applyEvents applies the batch's non-fault events; the caller holds e.mu exclusively. A FORK
+// only snapshots the parent's page state here; the child engine is set up after the lock is
+// released (it reads /proc, maps memory and calls OnFork).
+func (r *reader) applyEvents() error {
+	e := r.e
+	for i := 0; i < r.n; i++ {
+		m := &r.msgs[i]
+		switch m.Event() {
+		case uffd.EventPagefault:
+		case uffd.EventRemove:
+			rg := m.Range()
+			e.remove(rg.Start, rg.End)
+		case uffd.EventUnmap:
+			rg := m.Range()
+			e.remove(rg.Start, rg.End)
+			t := e.tab.Load().without(rg.Start, rg.End)
+			e.tab.Store(&t)
+		case uffd.EventRemap:
+			rm := m.Remap()
+			t := e.tab.Load().moved(rm.From, rm.To, rm.Len)
+			e.tab.Store(&t)
+		case uffd.EventFork:
+			r.forks = append(r.forks, m.ForkFD())
+			r.clones = append(r.clones, e.cloneStates())
+		default:
+			return fmt.Errorf("engine: unexpected message %v", m)
+		}
+	}
+	return nil
+}
+
+// serveBatch resolves the batch's faults. With helpers, the first fault is the reader's and the
+// rest go to whoever is free — the reader included, once it is done with its own.
+func (r *reader) serveBatch() error {
+	e := r.e
+	first := true
+	handed := false
+	for i := 0; i < r.n; i++ {
+		m := &r.msgs[i]
+		if m.Event() != uffd.EventPagefault {
+			continue
+		}
+		f := fault{pf: m.Pagefault(), at: r.at}
+		if !first && e.opts.Workers > 1 {
+			e.startHelpers()
+			select {
+			case e.work <- f:
+				handed = true
+				continue
+			default: // all busy: serve it here
+			}
+		}
+		first = false
+		if err := r.in.resolve(f); err != nil {
+			return err
+		}
+	}
+	for handed {
+		select {
+		case f := <-e.work:
+			if err := r.in.resolve(f); err != nil {
+				return err
+			}
+		default:
+			handed = false
+		}
+	}
+	return nil
+}
+
+// remove marks [start, end) removed: its pages read as zeros from now on.
+func (e *Engine) remove(start, end uintptr) {
+	t := *e.tab.Load()
+	for i := range t {
+		s := &t[i]
+		lo, hi := max(s.base, start), min(s.end(), end)
+		if lo >= hi {
+			continue
+		}
+		ps := s.st.spec.PageSize
+		a := s.first + int((lo-s.base)/ps)
+		b := s.first + int((hi-s.base+ps-1)/ps)
+		s.st.removed.setRange(a, b)
+		s.st.installed.clearRange(a, b)
+		s.st.stats.pagesRemoved.Add(uint64(b - a))
+	}
+}
