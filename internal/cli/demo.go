@@ -39,6 +39,7 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 	huge := fs.Bool("huge", false, "2 MiB hugetlb guest memory (reserve pages in /proc/sys/vm/nr_hugepages)")
 	version := fs.String("version", "v1.12", "Firecracker handshake: v1.1, v1.7 or v1.12")
 	balloon := fs.Int("balloon", 25, "percent of guest memory the balloon takes back")
+	order := fs.String("order", "parts", "how vCPU threads walk memory: parts (each its own part, in order), seq (interleaved), rand")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -56,14 +57,18 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline demo: --balloon is a percentage")
 		return 2
 	}
-	if err := demo(stdout, sz, *threads, *huge, v, *balloon); err != nil {
+	if *order != "parts" && *order != "seq" && *order != "rand" {
+		fmt.Fprintf(stderr, "faultline demo: --order %q: want parts, seq or rand\n", *order)
+		return 2
+	}
+	if err := demo(stdout, sz, *threads, *huge, v, *balloon, *order); err != nil {
 		fmt.Fprintln(stderr, "faultline demo:", err)
 		return 1
 	}
 	return 0
 }
 
-func demo(out io.Writer, size, threads int, huge bool, version firecracker.Version, balloonPct int) error {
+func demo(out io.Writer, size, threads int, huge bool, version firecracker.Version, balloonPct int, order string) error {
 	dir, err := os.MkdirTemp("", "faultline-demo-")
 	if err != nil {
 		return err
@@ -138,8 +143,9 @@ func demo(out io.Writer, size, threads int, huge bool, version firecracker.Versi
 		}
 		return nil
 	}
-	if err := run("1. restore: vCPU threads touch every page of guest memory", func() (vmm.Touched, error) {
-		return m.Touch(threads, "rand", demoSeed, false)
+	walk := map[string]string{"parts": "each vCPU thread walks its own part of memory", "seq": "vCPU threads walk memory interleaved", "rand": "vCPU threads touch memory in random order"}[order]
+	if err := run("1. restore: "+walk, func() (vmm.Touched, error) {
+		return m.Touch(threads, order, demoSeed, false)
 	}); err != nil {
 		return err
 	}

@@ -337,8 +337,13 @@ func (c *child) touch(a *memory.Area, r *Request) Reply {
 			old := debug.SetPanicOnFault(true)
 			defer debug.SetPanicOnFault(old)
 			// Threads take interleaved pages of the order, so with "seq" each sees a sequential
-			// stream and together they cover the area.
-			for i := t; i < pages; i += threads {
+			// stream and together they cover the area; with "parts" each walks its own
+			// contiguous part in order, as vCPUs running their own work do.
+			first, end, step := t, pages, threads
+			if r.Order == "parts" {
+				first, end, step = t*pages/threads, (t+1)*pages/threads, 1
+			}
+			for i := first; i < end; i += step {
 				off := r.Off + order[i]*stride
 				if c.touchPage(a, off, stride, r) {
 					sigbus.Add(1)

@@ -26,7 +26,7 @@ type Request struct {
 	// touch
 	Write   bool   `json:"write,omitempty"`
 	Threads int    `json:"threads,omitempty"`
-	Order   string `json:"order,omitempty"`  // "seq" (default), "rand"
+	Order   string `json:"order,omitempty"`  // "seq" (default), "rand", "parts" (touch: a contiguous part per thread)
 	Verify  string `json:"verify,omitempty"` // "", "pattern", "zero", "counter"
 	Seed    uint64 `json:"seed,omitempty"`
 	// PatternBase is the pattern offset of the area's first byte, for areas that hold a slice

@@ -107,7 +107,7 @@ type Touched struct {
 	Elapsed              time.Duration
 }
 
-// Touch reads every page of every region with threads threads in order ("seq" or "rand") and
+// Touch reads every page of every region with threads threads in order ("seq", "rand" or "parts") and
 // checks it: against the snapshot pattern of seed, or zero where zero is true.
 func (v *VMM) Touch(threads int, order string, seed uint64, zero bool) (Touched, error) {
 	var t Touched
