@@ -38,7 +38,7 @@ var (
 	ErrUnsupported = errors.New("uffd: not supported by this kernel or memory type")
 	// ErrPermission: the caller lacks the privilege (EPERM/EACCES); OpError.Detail gives advice.
 	ErrPermission = errors.New("uffd: permission denied")
-	// ErrClosed: the FD was closed.
+	// ErrClosed: the FD was closed (an *OpError of a closed FD also matches unix.EBADF).
 	ErrClosed = os.ErrClosed
 )
 
@@ -116,6 +116,8 @@ func resolveErr(op string, start, length uintptr, mode, knownModes uint64, errno
 		}
 	case unix.EEXIST:
 		e.kind = ErrExist
+	case unix.EBADF:
+		e.kind = ErrClosed // FD.ioctl's answer once Close has begun
 	case unix.ENOENT:
 		if op == "UFFDIO_MOVE" && ran {
 			// For MOVE the kernel's ENOENT is a hole in the source, not a registration problem.
@@ -169,6 +171,8 @@ func invalidDetail(start, length uintptr, mode, knownModes uint64, ran bool) str
 func rangeErr(op string, start, length uintptr, mode, knownModes uint64, errno unix.Errno) *OpError {
 	e := &OpError{Op: op, Start: start, Len: length, Errno: errno}
 	switch errno {
+	case unix.EBADF:
+		e.kind = ErrClosed // FD.ioctl's answer once Close has begun
 	case unix.EINVAL:
 		e.kind = ErrInvalid
 		e.Detail = invalidDetail(start, length, mode, knownModes, false)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -39,15 +38,16 @@ type Options struct {
 // FD is a userfaultfd. It owns the file descriptor: Close closes it, which also wakes every
 // thread blocked on a fault it was serving (they retry without it).
 //
-// The ioctl methods may be called from any goroutine, concurrently. They must not race with
-// Close.
+// The methods may be called from any goroutine, concurrently, Close included: an ioctl never
+// runs on a closed fd, nor on another file that got the fd number after Close (it fails with
+// ErrClosed instead).
 type FD struct {
 	file         *os.File
 	fd           int
 	blocking     bool
 	userModeOnly bool
 	origin       string
-	closed       atomic.Bool
+	life         fdLife
 	handshaken   atomic.Bool
 }
 
@@ -115,7 +115,17 @@ func create(flags int, noDevice bool) (int, string, error) {
 }
 
 func newFD(fd int, origin string, blocking bool) *FD {
-	return &FD{fd: fd, origin: origin, blocking: blocking}
+	f := &FD{fd: fd, origin: origin, blocking: blocking}
+	f.life = newFDLife(blocking, f.closeNow)
+	return f
+}
+
+// closeNow closes the fd once no call holds it.
+func (f *FD) closeNow() error {
+	if f.file == nil {
+		return unix.Close(f.fd)
+	}
+	return f.file.Close()
 }
 
 // initFile wraps the fd in an *os.File once the handshake is done. os.NewFile registers a
@@ -158,7 +168,8 @@ func NewFD(fd int, blocking bool) (*FD, error) {
 	return f, nil
 }
 
-// Fd returns the file descriptor number. It stays owned by f.
+// Fd returns the file descriptor number. It stays owned by f; after Close the number may belong
+// to another file.
 func (f *FD) Fd() int { return f.fd }
 
 // UserModeOnly reports whether f was created with UFFD_USER_MODE_ONLY.
@@ -168,17 +179,12 @@ func (f *FD) UserModeOnly() bool { return f.userModeOnly }
 func (f *FD) Origin() string { return f.origin }
 
 // Close closes the userfaultfd. Threads blocked on its faults are woken and retry without it (if
-// no other process holds the fd); a goroutine blocked in Read returns ErrClosed. Closing twice
-// returns nil.
-func (f *FD) Close() error {
-	if f.closed.Swap(true) {
-		return nil
-	}
-	if f.file == nil {
-		return unix.Close(f.fd)
-	}
-	return f.file.Close()
-}
+// no other process holds the fd); a goroutine blocked in Read of a non-blocking fd returns
+// ErrClosed, and every later call fails with ErrClosed. Calls in flight finish first: on a
+// non-blocking fd Close waits for them (ioctls take microseconds), on a blocking fd the last of
+// them closes the fd (a Read may wait for a message indefinitely) and Close returns nil at once.
+// Closing twice returns nil.
+func (f *FD) Close() error { return f.life.close() }
 
 // APIResult is the kernel's answer to the handshake.
 type APIResult struct {
@@ -193,8 +199,14 @@ type APIResult struct {
 // ioctl on a new fd and can be done once per fd: to learn what the kernel supports before
 // choosing, use [SupportedFeatures], which asks on a throwaway fd.
 func (f *FD) API(features Feature) (APIResult, error) {
+	// The fd is wrapped in its os.File under the same reference as the ioctl, so that a racing
+	// Close either closes the bare number before the handshake or the file after it.
+	if !f.life.acquire() {
+		return APIResult{}, &OpError{Op: "UFFDIO_API", Errno: unix.EBADF, kind: ErrClosed}
+	}
+	defer f.life.release()
 	a := apiArg{api: APIVersion, features: uint64(features)}
-	errno := f.ioctl(reqAPI, unsafe.Pointer(&a))
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), reqAPI, uintptr(unsafe.Pointer(&a)))
 	if errno != 0 {
 		e := &OpError{Op: "UFFDIO_API", Errno: errno}
 		switch errno {
@@ -214,8 +226,6 @@ func (f *FD) API(features Feature) (APIResult, error) {
 		case unix.EPERM:
 			e.kind = ErrPermission
 			e.Detail = "EVENT_FORK needs CAP_SYS_PTRACE"
-		case unix.EBADF:
-			e.kind = ErrClosed
 		}
 		return APIResult{}, e
 	}
@@ -246,13 +256,14 @@ func SupportedFeatures() (Feature, error) {
 	return r.Supported, nil
 }
 
-// ioctl issues one ioctl on the fd; the argument must stay alive across the call.
+// ioctl issues one ioctl on the fd, holding it open across the call; EBADF means Close has
+// begun (the kernel never sees a closed number). The argument must stay alive across the call.
 func (f *FD) ioctl(req uintptr, arg unsafe.Pointer) unix.Errno {
-	if f.closed.Load() {
+	if !f.life.acquire() {
 		return unix.EBADF
 	}
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), req, uintptr(arg))
-	runtime.KeepAlive(f)
+	f.life.release() // also keeps f, and so its os.File's finalizer, alive until here
 	return errno
 }
 
@@ -273,10 +284,11 @@ type Info struct {
 // Info reads the fd's state from /proc/self/fdinfo — the only place the kernel shows the
 // enabled feature set (UFFDIO_API answers with the supported set).
 func (f *FD) Info() (Info, error) {
-	if f.closed.Load() {
+	if !f.life.acquire() {
 		return Info{}, ErrClosed // the number may belong to another file by now
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", f.fd))
+	f.life.release()
 	if err != nil {
 		return Info{}, fmt.Errorf("uffd: read fdinfo: %w", err)
 	}

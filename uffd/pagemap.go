@@ -8,7 +8,6 @@ import (
 	"os"
 	"runtime"
 	"strconv"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -170,12 +169,13 @@ var reqPagemapScan = ioc(iocRead|iocWrite, pagemapMagic, nrPagemapScan, sizeofPM
 const regionIsNative = unsafe.Sizeof(PageRegion{}) == sizeofPageRegion
 
 // Pagemap is an open /proc/<pid>/pagemap: PAGEMAP_SCAN queries and single-entry reads of one
-// process's page tables. Its methods may be called concurrently; they must not race with Close.
+// process's page tables. Its methods may be called concurrently, Close included: a call racing
+// with Close either completes on this file or fails with ErrClosed.
 type Pagemap struct {
-	file   *os.File
-	fd     int
-	pid    int
-	closed atomic.Bool
+	file *os.File
+	fd   int
+	pid  int
+	life fdLife
 }
 
 // OpenPagemap opens the pagemap of process pid (0: this process). Another process's pagemap
@@ -200,16 +200,13 @@ func OpenPagemap(pid int) (*Pagemap, error) {
 		}
 		return nil, e
 	}
-	return &Pagemap{file: os.NewFile(uintptr(fd), path), fd: fd, pid: pid}, nil
+	p := &Pagemap{file: os.NewFile(uintptr(fd), path), fd: fd, pid: pid}
+	p.life = newFDLife(false, p.file.Close)
+	return p, nil
 }
 
-// Close closes the pagemap file. Closing twice returns nil.
-func (p *Pagemap) Close() error {
-	if p.closed.Swap(true) {
-		return nil
-	}
-	return p.file.Close()
-}
+// Close closes the pagemap file, after the calls in flight. Closing twice returns nil.
+func (p *Pagemap) Close() error { return p.life.close() }
 
 // Pid is the process whose pagemap this is (0: the calling process).
 func (p *Pagemap) Pid() int { return p.pid }
@@ -301,11 +298,11 @@ func (p *Pagemap) Dirty(buf []PageRegion, start, end uintptr, rearm bool) (dirty
 }
 
 func (p *Pagemap) ioctl(arg unsafe.Pointer) (uintptr, unix.Errno) {
-	if p.closed.Load() {
+	if !p.life.acquire() {
 		return 0, unix.EBADF
 	}
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(p.fd), reqPagemapScan, uintptr(arg))
-	runtime.KeepAlive(p)
+	p.life.release()
 	return r, errno
 }
 
@@ -419,14 +416,14 @@ func (p *Pagemap) Entries(addr uintptr, out []PagemapEntry) (int, error) {
 	if len(out) == 0 {
 		return 0, nil
 	}
-	if p.closed.Load() {
+	if !p.life.acquire() {
 		return 0, &OpError{Op: "read pagemap", Start: addr, Errno: unix.EBADF, kind: ErrClosed}
 	}
+	defer p.life.release()
 	b := unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), len(out)*8)
 	off := int64(addr/uintptr(os.Getpagesize())) * 8
 	for {
 		n, err := unix.Pread(p.fd, b, off)
-		runtime.KeepAlive(p)
 		if err == unix.EINTR {
 			continue
 		}
