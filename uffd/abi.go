@@ -144,9 +144,10 @@ const (
 	MoveAllowSrcHoles MoveMode = 1 << 1
 )
 
-// OpenFlag is the flag argument of userfaultfd(2) and USERFAULTFD_IOC_NEW beyond O_CLOEXEC and
-// O_NONBLOCK, which this package manages itself.
-const userModeOnlyFlag = 1 // UFFD_USER_MODE_ONLY (5.11)
+// FlagUserModeOnly is UFFD_USER_MODE_ONLY (5.11), the one flag of userfaultfd(2) and
+// USERFAULTFD_IOC_NEW besides O_CLOEXEC and O_NONBLOCK: [Open] sets it for
+// Options.UserModeOnly; it is exported for callers that make the system call themselves.
+const FlagUserModeOnly = 1
 
 // EventType is the uffd_msg.event byte.
 type EventType uint8
@@ -254,8 +255,16 @@ var (
 	reqWriteprotect = iowr(nrWriteprotect, sizeofWriteprotect)
 	reqContinue     = iowr(nrContinue, sizeofContinue)
 	reqPoison       = iowr(nrPoison, sizeofPoison)
-	// reqNew is USERFAULTFD_IOC_NEW on /dev/userfaultfd; its argument is the flags, by value.
-	reqNew = ioc(iocNone, 0xAA, 0x00, 0)
+	reqNew          = uintptr(RequestNew)
+)
+
+// RequestNew and RequestPagemapScan are the request numbers of USERFAULTFD_IOC_NEW (on
+// /dev/userfaultfd; its argument is the open flags, by value) and PAGEMAP_SCAN (on
+// /proc/<pid>/pagemap), in this architecture's _IOC layout, for callers that issue them
+// without an [FD] or a [Pagemap] (package probe does).
+const (
+	RequestNew         = iocNone<<iocDirShift | uffdioMagic<<8
+	RequestPagemapScan = (iocRead|iocWrite)<<iocDirShift | sizeofPMScanArg<<iocSizeShift | pagemapMagic<<8 | nrPagemapScan
 )
 
 const uffdioMagic = 0xAA

@@ -37,8 +37,8 @@
 //
 // [Feature] has the 17 bits of Linux 6.18 by name. The handshake answers with every supported
 // bit; the bits in force are only visible in fdinfo, read by [FD.Info]. Capability bits need
-// not be requested; [BehaviourFeatures] must be. [SupportedFeatures] asks on a throwaway fd, and
-// [Probe] reports the features, the ways to create an fd, and the ioctls each memory type
+// not be requested; [BehaviourFeatures] must be. [SupportedFeatures] asks on a throwaway fd;
+// package probe reports the features, the ways to create an fd, and the ioctls each memory type
 // answers. Bits newer than this package are kept and printed in hex, never rejected here.
 //
 // # From the 2015 RFC to Linux 6.18

@@ -59,11 +59,11 @@ func Open(opts Options) (*FD, error) {
 		flags |= unix.O_NONBLOCK
 	}
 	if opts.UserModeOnly {
-		flags |= userModeOnlyFlag
+		flags |= FlagUserModeOnly
 	}
 	fd, origin, err := create(flags, opts.NoDevice)
 	if err != nil && opts.FallbackUserModeOnly && !opts.UserModeOnly && errors.Is(err, ErrPermission) {
-		fd, origin, err = create(flags|userModeOnlyFlag, opts.NoDevice)
+		fd, origin, err = create(flags|FlagUserModeOnly, opts.NoDevice)
 		if err == nil {
 			opts.UserModeOnly = true
 		}

@@ -161,7 +161,7 @@ const (
 
 // reqPagemapScan is PAGEMAP_SCAN, _IOWR('f', 16, struct pm_scan_arg), in this architecture's
 // _IOC encoding.
-var reqPagemapScan = ioc(iocRead|iocWrite, pagemapMagic, nrPagemapScan, sizeofPMScanArg)
+var reqPagemapScan = uintptr(RequestPagemapScan)
 
 // regionIsNative: a PageRegion has the kernel's layout (64-bit architectures), so the kernel
 // writes straight into the caller's buffer. On 32-bit architectures the kernel's 24-byte records
