@@ -73,4 +73,12 @@
 // from asm-generic for _IOR and _IO (UNREGISTER, WAKE, USERFAULTFD_IOC_NEW). Messages are
 // decoded in native byte order, so big-endian s390x and ppc64 read the same fields. All
 // argument structs are 64-bit fields only, identical on 32-bit architectures.
+//
+// # Other systems
+//
+// userfaultfd is Linux's. On other systems the package builds with the same types, constants,
+// message decoding and error sentinels, so that a program using it compiles everywhere, and
+// every operation ([Open], [NewFD], [OpenPagemap], each method) fails with an [*OpError]
+// matching [ErrUnsupported] (and errors.ErrUnsupported). The ioctl request numbers
+// ([RequestNew], [RequestPagemapScan]) exist on Linux only.
 package uffd

@@ -14,27 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DevicePath is the misc device that creates userfaultfds by file permission (Linux 6.1+).
-const DevicePath = "/dev/userfaultfd"
-
-// Options control how [Open] creates a userfaultfd.
-type Options struct {
-	// UserModeOnly creates the fd with UFFD_USER_MODE_ONLY: faults raised inside the kernel
-	// (syscalls copying to user memory, GUP, KVM) fail with EFAULT instead of being reported.
-	// Unprivileged callers may create only such fds when vm.unprivileged_userfaultfd is 0.
-	UserModeOnly bool
-	// FallbackUserModeOnly creates a user-mode-only fd when the kernel refuses a full one for
-	// lack of privilege. Check FD.UserModeOnly afterwards. Never use it for VMM memory: KVM
-	// reads guest memory from inside the kernel.
-	FallbackUserModeOnly bool
-	// Blocking creates the fd without O_NONBLOCK: Read blocks in read(2) on its thread instead
-	// of parking in the netpoller, and Close does not interrupt it. poll(2) on such an fd always
-	// reports POLLERR.
-	Blocking bool
-	// NoDevice skips /dev/userfaultfd and uses the userfaultfd(2) system call only.
-	NoDevice bool
-}
-
 // FD is a userfaultfd. It owns the file descriptor: Close closes it, which also wakes every
 // thread blocked on a fault it was serving (they retry without it).
 //
@@ -186,15 +165,6 @@ func (f *FD) Origin() string { return f.origin }
 // Closing twice returns nil.
 func (f *FD) Close() error { return f.life.close() }
 
-// APIResult is the kernel's answer to the handshake.
-type APIResult struct {
-	// Supported is every feature this kernel supports, not just the requested ones. The enabled
-	// set is in [FD.Info].
-	Supported Feature
-	// Ioctls are the ioctls usable on the fd itself (REGISTER, UNREGISTER, API).
-	Ioctls Ioctls
-}
-
 // API performs the UFFDIO_API handshake, enabling the features requested. It must be the first
 // ioctl on a new fd and can be done once per fd: to learn what the kernel supports before
 // choosing, use [SupportedFeatures], which asks on a throwaway fd.
@@ -265,20 +235,6 @@ func (f *FD) ioctl(req uintptr, arg unsafe.Pointer) unix.Errno {
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), req, uintptr(arg))
 	f.life.release() // also keeps f, and so its os.File's finalizer, alive until here
 	return errno
-}
-
-// Info is what /proc/self/fdinfo tells about a userfaultfd.
-type Info struct {
-	// Enabled are the features in force on this fd: those requested at handshake, plus the
-	// ones the kernel implies (WP_ASYNC brings WP_UNPOPULATED).
-	Enabled Feature
-	// Initialized reports whether the handshake was done.
-	Initialized bool
-	// Pending counts fault messages not read yet; Total counts those plus faults read but not
-	// resolved.
-	Pending, Total uint64
-	// Ioctls as the kernel lists them in fdinfo.
-	Ioctls Ioctls
 }
 
 // Info reads the fd's state from /proc/self/fdinfo — the only place the kernel shows the

@@ -8,17 +8,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Known mode bits per ioctl, for diagnosing EINVAL.
-const (
-	registerModes     = uint64(ModeMissing | ModeWP | ModeMinor)
-	copyModes         = uint64(CopyDontWake | CopyWP)
-	zeropageModes     = uint64(ZeropageDontWake)
-	writeprotectModes = uint64(WriteprotectWP | WriteprotectDontWake)
-	continueModes     = uint64(ContinueDontWake | ContinueWP)
-	poisonModes       = uint64(PoisonDontWake)
-	moveModes         = uint64(MoveDontWake | MoveAllowSrcHoles)
-)
-
 // Register registers [start, start+length) in the given modes and returns the ioctls usable on
 // the range (which depend on the memory type: hugetlb offers no ZEROPAGE or MOVE). Registering a
 // range again on the same fd replaces its modes, except that a mapping which already has every
