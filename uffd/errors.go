@@ -15,8 +15,10 @@ var (
 	// at OpError.Resume(). The kernel reports this as EAGAIN with a positive result field.
 	ErrPartial = errors.New("uffd: stopped part-way")
 	// ErrEventsPending: a non-cooperative event (REMOVE, UNMAP, REMAP, FORK) is in flight and the
-	// memory layout may be changing; read the pending events and retry. The kernel reports this as
-	// EAGAIN with the result field set to -EAGAIN, or (WRITEPROTECT) with no result field.
+	// memory layout may be changing; read the pending events and retry. The kernel keeps
+	// refusing until the thread that raised the event runs again, a little after the event is
+	// read: retry after each read, never spin without reading. The kernel reports this as EAGAIN
+	// with the result field set to -EAGAIN, or (WRITEPROTECT) with no result field.
 	ErrEventsPending = errors.New("uffd: events pending, layout changing")
 	// ErrExist: the first page of the range is already mapped (EEXIST). For a fault handler this
 	// means the fault is resolved: wake the range and move on.

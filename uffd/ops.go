@@ -22,9 +22,10 @@ func (f *FD) Register(start, length uintptr, mode RegisterMode) (Ioctls, error) 
 	return Ioctls(a.ioctls), nil
 }
 
-// Unregister removes the registration of [start, start+length). The kernel wakes MISSING faults
-// pending in the range, not WP or MINOR ones, and may miss a fault racing with it: follow it
-// with [FD.Wake] on the range.
+// Unregister removes the registration of [start, start+length). The kernel wakes the faults
+// pending in mappings registered with ModeMissing (whatever their other modes), not those of
+// mappings registered only WP or MINOR, and may miss a fault racing with it: follow it with
+// [FD.Wake] on the range.
 func (f *FD) Unregister(start, length uintptr) error {
 	a := rangeArg{uint64(start), uint64(length)}
 	if errno := f.ioctl(reqUnregister, unsafe.Pointer(&a)); errno != 0 {
