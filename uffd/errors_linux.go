@@ -16,7 +16,7 @@ import (
 const resultUntouched = -1 << 62
 
 // resolveErr turns the outcome of a resolving ioctl (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) into
-// an OpError, following the kernel's result-field contract (kernel-abi.md §1.9):
+// an OpError, following the kernel's result-field contract:
 //   - EAGAIN and result > 0: partial progress of result bytes;
 //   - EAGAIN and result == -EAGAIN: events pending (mmap_changing);
 //   - result untouched: the kernel failed before running (validation, ESRCH);
