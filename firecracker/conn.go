@@ -17,14 +17,6 @@ import (
 
 var errTimeout = errors.New("timeout")
 
-// Handshake is one validated message and the userfaultfd that came with it.
-type Handshake struct {
-	Regions []Region
-	Version Version
-	// UFFD is the received userfaultfd, close-on-exec; the caller owns it.
-	UFFD int
-}
-
 // Conn reads handshakes from a VMM's stream.
 type Conn struct {
 	c   *net.UnixConn
@@ -195,9 +187,12 @@ func checkUffd(fd int) error {
 	return nil
 }
 
+// Ucred is the peer's credentials as SO_PEERCRED reports them.
+type Ucred = unix.Ucred
+
 // PeerCred returns the credentials of the process at the other end (SO_PEERCRED): the VMM's
 // pid, uid and gid as of connect.
-func PeerCred(c *net.UnixConn) (*unix.Ucred, error) {
+func PeerCred(c *net.UnixConn) (*Ucred, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, err

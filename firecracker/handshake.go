@@ -18,6 +18,14 @@ type Mapping struct {
 	PageSizeKiB      uint64 `json:"page_size_kib,omitempty"` // bytes, despite the name
 }
 
+// Handshake is one validated message and the userfaultfd that came with it.
+type Handshake struct {
+	Regions []Region
+	Version Version
+	// UFFD is the received userfaultfd, close-on-exec; the caller owns it.
+	UFFD int
+}
+
 // Version is the handshake generation a message's fields identify.
 type Version int
 

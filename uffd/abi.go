@@ -1,5 +1,3 @@
-//go:build linux
-
 package uffd
 
 // The constants below keep the kernel's numbers (include/uapi/linux/userfaultfd.h, Linux 6.18)
@@ -144,9 +142,10 @@ const (
 	MoveAllowSrcHoles MoveMode = 1 << 1
 )
 
-// OpenFlag is the flag argument of userfaultfd(2) and USERFAULTFD_IOC_NEW beyond O_CLOEXEC and
-// O_NONBLOCK, which this package manages itself.
-const userModeOnlyFlag = 1 // UFFD_USER_MODE_ONLY (5.11)
+// FlagUserModeOnly is UFFD_USER_MODE_ONLY (5.11), the one flag of userfaultfd(2) and
+// USERFAULTFD_IOC_NEW besides O_CLOEXEC and O_NONBLOCK: [Open] sets it for
+// Options.UserModeOnly; it is exported for callers that make the system call themselves.
+const FlagUserModeOnly = 1
 
 // EventType is the uffd_msg.event byte.
 type EventType uint8
@@ -175,96 +174,13 @@ const (
 // MsgSize is the size of one message returned by read(2) on a userfaultfd.
 const MsgSize = 32
 
-// Argument structs of the ioctls, laid out as the kernel's (all 64-bit fields, no padding, so the
-// layout is the same on 32-bit and 64-bit architectures). Result fields are signed: a positive
-// count of bytes done or a negative errno.
-type (
-	apiArg struct {
-		api      uint64
-		features uint64
-		ioctls   uint64
-	}
-	rangeArg struct {
-		start  uint64
-		length uint64
-	}
-	registerArg struct {
-		rng    rangeArg
-		mode   uint64
-		ioctls uint64
-	}
-	copyArg struct {
-		dst    uint64
-		src    uint64
-		length uint64
-		mode   uint64
-		copy   int64
-	}
-	zeropageArg struct {
-		rng      rangeArg
-		mode     uint64
-		zeropage int64
-	}
-	writeprotectArg struct {
-		rng  rangeArg
-		mode uint64
-	}
-	continueArg struct {
-		rng    rangeArg
-		mode   uint64
-		mapped int64
-	}
-	poisonArg struct {
-		rng     rangeArg
-		mode    uint64
-		updated int64
-	}
-	moveArg struct {
-		dst    uint64
-		src    uint64
-		length uint64
-		mode   uint64
-		move   int64
-	}
-)
-
-// Sizes of the argument structs (the kernel's sizeof), part of every ioctl number.
+// Known mode bits per ioctl, for diagnosing EINVAL.
 const (
-	sizeofAPI          = 24
-	sizeofRange        = 16
-	sizeofRegister     = 32
-	sizeofCopy         = 40
-	sizeofZeropage     = 32
-	sizeofWriteprotect = 24
-	sizeofContinue     = 32
-	sizeofPoison       = 32
-	sizeofMove         = 40
+	registerModes     = uint64(ModeMissing | ModeWP | ModeMinor)
+	copyModes         = uint64(CopyDontWake | CopyWP)
+	zeropageModes     = uint64(ZeropageDontWake)
+	writeprotectModes = uint64(WriteprotectWP | WriteprotectDontWake)
+	continueModes     = uint64(ContinueDontWake | ContinueWP)
+	poisonModes       = uint64(PoisonDontWake)
+	moveModes         = uint64(MoveDontWake | MoveAllowSrcHoles)
 )
-
-// The ioctl request numbers, computed with this architecture's _IOC encoding (ioctl_*.go).
-// UNREGISTER and WAKE are _IOR although the kernel reads them: frozen ABI since 2015.
-var (
-	reqAPI          = iowr(nrAPI, sizeofAPI)
-	reqRegister     = iowr(nrRegister, sizeofRegister)
-	reqUnregister   = ior(nrUnregister, sizeofRange)
-	reqWake         = ior(nrWake, sizeofRange)
-	reqCopy         = iowr(nrCopy, sizeofCopy)
-	reqZeropage     = iowr(nrZeropage, sizeofZeropage)
-	reqMove         = iowr(nrMove, sizeofMove)
-	reqWriteprotect = iowr(nrWriteprotect, sizeofWriteprotect)
-	reqContinue     = iowr(nrContinue, sizeofContinue)
-	reqPoison       = iowr(nrPoison, sizeofPoison)
-	// reqNew is USERFAULTFD_IOC_NEW on /dev/userfaultfd; its argument is the flags, by value.
-	reqNew = ioc(iocNone, 0xAA, 0x00, 0)
-)
-
-const uffdioMagic = 0xAA
-
-func iowr(nr, size uintptr) uintptr { return ioc(iocRead|iocWrite, uffdioMagic, nr, size) }
-func ior(nr, size uintptr) uintptr  { return ioc(iocRead, uffdioMagic, nr, size) }
-
-func ioc(dir, typ, nr, size uintptr) uintptr {
-	return dir<<iocDirShift | size<<iocSizeShift | typ<<8 | nr
-}
-
-const iocSizeShift = 16

@@ -21,8 +21,8 @@ import (
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// asmGeneric are the request numbers of kernel-abi.md §1.2 (x86_64, arm64, riscv64, loong64,
-// s390x, 386, arm).
+// asmGeneric are the request numbers as the kernel's headers give them for the asm-generic
+// _IOC layout (x86_64, arm64, riscv64, loong64, s390x, 386, arm).
 var asmGeneric = map[string]uintptr{
 	"UFFDIO_API":          0xC018AA3F,
 	"UFFDIO_REGISTER":     0xC020AA00,
@@ -91,7 +91,7 @@ func (l iocLayout) ioc(dir, typ, nr, size uintptr) uintptr {
 }
 
 // requests computes the userfaultfd request numbers with layout l, from the macros of the
-// header (kernel-abi.md §1.2) and the package's struct sizes.
+// header (include/uapi/linux/userfaultfd.h) and the package's struct sizes.
 func (l iocLayout) requests() map[string]uintptr {
 	rw := l.read | l.write
 	sz := uffd.SizeofConsts
@@ -224,7 +224,7 @@ func TestRequestNumbersAllArchs(t *testing.T) {
 	}
 }
 
-// TestArgStructs pins the argument structs against kernel-abi.md §1.3: the size, the sizeof
+// TestArgStructs pins the argument structs against the uapi header's structs: the size, the sizeof
 // constant encoded into the request number, and the offset of every field.
 func TestArgStructs(t *testing.T) {
 	want := map[string]struct {
@@ -294,7 +294,8 @@ func TestArgStructs(t *testing.T) {
 	}
 }
 
-// TestABIConstants pins the numbers of kernel-abi.md §1.4–§1.8 that travel through the ABI.
+// TestABIConstants pins the numbers of the uapi header (events, fault flags, features, modes,
+// ioctl numbers) that travel through the ABI.
 func TestABIConstants(t *testing.T) {
 	for _, c := range []struct {
 		name      string
@@ -339,7 +340,7 @@ func TestABIConstants(t *testing.T) {
 			t.Errorf("%s = %#x, want %#x", c.name, c.got, c.want)
 		}
 	}
-	// Feature bit n has the kernel's name n (kernel-abi.md §1.6).
+	// Feature bit n has the kernel's name n (UFFD_FEATURE_* in the uapi header).
 	names := []string{"PAGEFAULT_FLAG_WP", "EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "MISSING_HUGETLBFS",
 		"MISSING_SHMEM", "EVENT_UNMAP", "SIGBUS", "THREAD_ID", "MINOR_HUGETLBFS", "MINOR_SHMEM",
 		"EXACT_ADDRESS", "WP_HUGETLBFS_SHMEM", "WP_UNPOPULATED", "POISON", "WP_ASYNC", "MOVE"}

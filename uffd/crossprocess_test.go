@@ -22,7 +22,7 @@ import (
 )
 
 // Cross-process behaviour of a userfaultfd held by another process than the one owning the
-// memory — the VMM / page-server split (kernel-abi.md §1.9, §1.10, §3.7).
+// memory — the VMM / page-server split.
 
 const pmPresent = 1 << 63 // pagemap: page present
 

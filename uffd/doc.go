@@ -37,8 +37,8 @@
 //
 // [Feature] has the 17 bits of Linux 6.18 by name. The handshake answers with every supported
 // bit; the bits in force are only visible in fdinfo, read by [FD.Info]. Capability bits need
-// not be requested; [BehaviourFeatures] must be. [SupportedFeatures] asks on a throwaway fd, and
-// [Probe] reports the features, the ways to create an fd, and the ioctls each memory type
+// not be requested; [BehaviourFeatures] must be. [SupportedFeatures] asks on a throwaway fd;
+// package probe reports the features, the ways to create an fd, and the ioctls each memory type
 // answers. Bits newer than this package are kept and printed in hex, never rejected here.
 //
 // # From the 2015 RFC to Linux 6.18
@@ -73,4 +73,12 @@
 // from asm-generic for _IOR and _IO (UNREGISTER, WAKE, USERFAULTFD_IOC_NEW). Messages are
 // decoded in native byte order, so big-endian s390x and ppc64 read the same fields. All
 // argument structs are 64-bit fields only, identical on 32-bit architectures.
+//
+// # Other systems
+//
+// userfaultfd is Linux's. On other systems the package builds with the same types, constants,
+// message decoding and error sentinels, so that a program using it compiles everywhere, and
+// every operation ([Open], [NewFD], [OpenPagemap], each method) fails with an [*OpError]
+// matching [ErrUnsupported] (and errors.ErrUnsupported). The ioctl request numbers
+// ([RequestNew], [RequestPagemapScan]) exist on Linux only.
 package uffd

@@ -43,7 +43,7 @@ func checkOpError(t *testing.T, err error, op string, start, n uintptr, sentinel
 	return oe
 }
 
-// The result-field contract of the resolving ioctls, as errors (kernel-abi.md §1.9): partial
+// The result-field contract of the resolving ioctls, as errors: partial
 // progress, EEXIST on the first page, ENOENT outside a registration, EINVAL from validation (the
 // kernel did not run) and from the range (it ran). Everything is issued from this process on
 // the child's memory, where nothing faults.
@@ -125,7 +125,7 @@ func TestErrorContract(t *testing.T) {
 		_, err = r.fd.Poison(page(12), ps, 0)
 		checkOpError(t, err, "UFFDIO_POISON", page(12), ps, uffd.ErrNotRegistered, unix.ENOENT)
 		// The whole range must lie in one registered mapping: a COPY from registered pages
-		// into unregistered ones does nothing (kernel-abi.md §1.9 expected partial progress).
+		// into unregistered ones does nothing (ENOENT, no partial progress).
 		n, err := r.fd.Copy(page(10), from(10), 4*ps, 0)
 		oe = checkOpError(t, err, "UFFDIO_COPY", page(10), 4*ps, uffd.ErrNotRegistered, unix.ENOENT)
 		if n != 0 || oe.Done != 0 {

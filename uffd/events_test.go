@@ -22,7 +22,7 @@ import (
 )
 
 // The non-cooperative event scenarios of the kernel selftests (uffd-unit-tests "events" and
-// "events-wp", kernel-abi.md §3.5, §3.6, §1.10): a puppet registers memory, forks, moves, releases
+// "events-wp"): a puppet registers memory, forks, moves, releases
 // and unmaps it while this process serves its faults and reads the events.
 
 // evServer is the fault server of the event, fork and SIGBUS tests. It serves one userfaultfd:
@@ -119,8 +119,9 @@ func (s *evServer) serve() {
 		if len(deferred) == 0 {
 			n, err = rd.Read(msgs)
 		} else {
-			// Faults wait for an event to finish (EAGAIN): look for new messages without
-			// blocking, then retry them (kernel-pitfalls-6.18.md #2).
+			// Faults wait for an event to finish (EAGAIN, which lasts until the thread that
+			// raised the event runs again, a while after the event is read): look for new
+			// messages without blocking, then retry them.
 			n, err = rd.TryRead(msgs)
 		}
 		if err != nil {
@@ -236,8 +237,8 @@ func (s *evServer) resolve(pf uffd.Pagefault) (retry bool) {
 		return true
 	case errors.Is(err, uffd.ErrExist):
 		// Resolved already (a duplicate message after a signal): wake and move on. Bounded:
-		// COPY into hugetlb answers EEXIST forever when the pool is empty
-		// (kernel-pitfalls-6.18.md #3).
+		// COPY into hugetlb memory mapped MAP_NORESERVE answers EEXIST forever when the
+		// pool is empty.
 		s.mu.Lock()
 		if s.exist == nil {
 			s.exist = map[uintptr]int{}
@@ -507,7 +508,7 @@ func eventsScenario(t *testing.T, k memory.Kind, wp bool) {
 	if got, want := ev[0].Remap(), (uffd.Remap{From: from, To: to, Len: uintptr(size)}); got != want {
 		t.Fatalf("REMAP %+v, want %+v", got, want)
 	}
-	// With EVENT_UNMAP the old range is also reported unmapped (kernel-abi.md §3.5).
+	// With EVENT_UNMAP the old range is also reported unmapped, after the REMAP.
 	if len(ev) != 2 || ev[1].Event() != uffd.EventUnmap || ev[1].Range() != (uffd.Range{Start: from, End: from + uintptr(size)}) {
 		t.Fatalf("mremap: events %v, want REMAP then UNMAP [%#x, %#x)", ev, from, from+uintptr(size))
 	}
@@ -576,8 +577,8 @@ func eventsScenario(t *testing.T, k memory.Kind, wp bool) {
 	s.stop()
 }
 
-// TestEventsFaultsBeforeEvents pins the delivery order of kernel-abi.md §1.10: a fault queued
-// after an unread REMOVE event is still read first.
+// TestEventsFaultsBeforeEvents pins the delivery order: read(2) returns pending faults before
+// events, so a fault queued after an unread REMOVE event is still read first.
 func TestEventsFaultsBeforeEvents(t *testing.T) {
 	kindsFor(t, memory.Kinds, func(t *testing.T, k memory.Kind) {
 		const seed = 19

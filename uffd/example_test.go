@@ -8,6 +8,7 @@ import (
 	"log"
 	"net"
 	"os"
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -68,22 +69,33 @@ func ExampleSupportedFeatures() {
 	fmt.Println("shmem MISSING:", sup.Has(uffd.FeatureMissingShmem))
 }
 
-// exampleServe resolves the faults on [base, base+size) by copying from src, the page at the same
-// offset: the loop of a minimal fault server.
+// exampleServe resolves the faults on [base, base+size): with the page at the same offset of
+// src, or with a zero page where MADV_DONTNEED or MADV_REMOVE dropped the contents (an
+// EventRemove). The loop of a minimal fault server.
 func exampleServe(f *uffd.FD, base, size uintptr, src []byte, pageSize uintptr) error {
 	r, err := f.NewReader()
 	if err != nil {
 		return err
 	}
 	msgs := make([]uffd.Msg, 64)
+	removed := make([]bool, size/pageSize) // pages whose contents were dropped: they read as zeros
+	// Faults the kernel refused while an event was in flight (ErrEventsPending): retried after
+	// the next read, which returns the events that held them back.
+	var deferred, retry []uintptr
 	for {
-		n, err := r.Read(msgs)
+		var n int
+		if len(deferred) == 0 {
+			n, err = r.Read(msgs) // waits for a message
+		} else {
+			n, err = r.TryRead(msgs) // must not wait: the deferred threads sleep until served
+		}
 		if errors.Is(err, uffd.ErrClosed) {
 			return nil
 		}
 		if err != nil {
 			return err
 		}
+		retry, deferred = deferred, retry[:0]
 		for i := range msgs[:n] {
 			m := &msgs[i]
 			switch m.Event() {
@@ -92,42 +104,55 @@ func exampleServe(f *uffd.FD, base, size uintptr, src []byte, pageSize uintptr) 
 				if addr < base || addr >= base+size {
 					return fmt.Errorf("fault outside the area: %v", m)
 				}
-				if err := exampleCopy(f, addr, uintptr(unsafe.Pointer(&src[addr-base])), pageSize); err != nil {
-					return err
-				}
+				retry = append(retry, addr)
 			case uffd.EventRemove:
-				// The pages were dropped: later faults there get zero pages (Zeropage).
+				rg := m.Range()
+				for a := max(rg.Start, base); a < min(rg.End, base+size); a += pageSize {
+					removed[(a-base)/pageSize] = true
+				}
 			default:
 				log.Printf("unexpected %v", m)
 			}
 		}
+		for _, addr := range retry {
+			later, err := exampleInstall(f, addr, src[addr-base:], removed[(addr-base)/pageSize], pageSize)
+			if err != nil {
+				return err
+			}
+			if later {
+				deferred = append(deferred, addr)
+			}
+		}
+		if n == 0 && len(deferred) > 0 {
+			// The events are read, but the kernel lifts its block only when the thread that
+			// raised them runs again: let it, then read and retry.
+			runtime.Gosched()
+		}
 	}
 }
 
-// exampleCopy installs one page and wakes the threads waiting on it, whatever the kernel says.
-func exampleCopy(f *uffd.FD, dst, src, length uintptr) error {
-	for {
-		n, err := f.Copy(dst, src, length, 0)
-		var oe *uffd.OpError
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, uffd.ErrExist):
-			// Another thread's fault on the same page got there first: already resolved.
-			return f.Wake(dst, length)
-		case errors.Is(err, uffd.ErrEventsPending):
-			// A REMOVE/UNMAP/REMAP is in flight: the caller should read it; here, just retry.
-			continue
-		case errors.Is(err, uffd.ErrPartial) && errors.As(err, &oe):
-			// Part of the range is in; go on from where the kernel stopped.
-			dst, src, length = oe.Resume(), src+n, length-n
-			continue
-		case errors.Is(err, uffd.ErrNotRegistered):
-			// Unregistered or unmapped meanwhile: wake anyone still sleeping there.
-			return f.Wake(dst, length)
-		}
-		return err
+// exampleInstall installs the page at dst, a copy of src or a zero page, and makes sure the
+// threads waiting on it are woken. later reports that an event is in flight (ErrEventsPending):
+// the caller must read it before trying again, or the kernel keeps refusing.
+func exampleInstall(f *uffd.FD, dst uintptr, src []byte, zero bool, pageSize uintptr) (later bool, err error) {
+	if zero {
+		_, err = f.Zeropage(dst, pageSize, 0)
+	} else {
+		_, err = f.Copy(dst, uintptr(unsafe.Pointer(&src[0])), pageSize, 0)
 	}
+	switch {
+	case err == nil:
+		return false, nil // installed and woken (one page: never partial)
+	case errors.Is(err, uffd.ErrEventsPending):
+		return true, nil
+	case errors.Is(err, uffd.ErrExist):
+		// Another thread's fault on the same page got there first: already resolved.
+		return false, f.Wake(dst, pageSize)
+	case errors.Is(err, uffd.ErrNotRegistered):
+		// Unregistered or unmapped meanwhile: wake anyone still sleeping there.
+		return false, f.Wake(dst, pageSize)
+	}
+	return false, err
 }
 
 // A fault server for memory mapped by this process; the faulting side must be other threads
@@ -157,15 +182,16 @@ func ExampleFD_Copy() {
 	if !ioctls.Has(uffd.IoctlCopy) {
 		log.Fatalf("no UFFDIO_COPY on this range: %v", ioctls)
 	}
+	// Pages may also be pushed before anyone asks: COPY into a missing page needs no fault. (No
+	// event can be in flight yet: nothing else uses the memory.)
+	if _, err := f.Copy(base, uintptr(unsafe.Pointer(&src[0])), pageSize, 0); err != nil {
+		log.Fatal(err)
+	}
 	go func() {
 		if err := exampleServe(f, base, size, src, pageSize); err != nil {
 			log.Fatal(err)
 		}
 	}()
-	// Pages may also be pushed before anyone asks: COPY into a missing page needs no fault.
-	if err := exampleCopy(f, base, uintptr(unsafe.Pointer(&src[0])), pageSize); err != nil {
-		log.Fatal(err)
-	}
 }
 
 func ExampleReader() {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -15,39 +14,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DevicePath is the misc device that creates userfaultfds by file permission (Linux 6.1+).
-const DevicePath = "/dev/userfaultfd"
-
-// Options control how [Open] creates a userfaultfd.
-type Options struct {
-	// UserModeOnly creates the fd with UFFD_USER_MODE_ONLY: faults raised inside the kernel
-	// (syscalls copying to user memory, GUP, KVM) fail with EFAULT instead of being reported.
-	// Unprivileged callers may create only such fds when vm.unprivileged_userfaultfd is 0.
-	UserModeOnly bool
-	// FallbackUserModeOnly creates a user-mode-only fd when the kernel refuses a full one for
-	// lack of privilege. Check FD.UserModeOnly afterwards. Never use it for VMM memory: KVM
-	// reads guest memory from inside the kernel.
-	FallbackUserModeOnly bool
-	// Blocking creates the fd without O_NONBLOCK: Read blocks in read(2) on its thread instead
-	// of parking in the netpoller, and Close does not interrupt it. poll(2) on such an fd always
-	// reports POLLERR.
-	Blocking bool
-	// NoDevice skips /dev/userfaultfd and uses the userfaultfd(2) system call only.
-	NoDevice bool
-}
-
 // FD is a userfaultfd. It owns the file descriptor: Close closes it, which also wakes every
 // thread blocked on a fault it was serving (they retry without it).
 //
-// The ioctl methods may be called from any goroutine, concurrently. They must not race with
-// Close.
+// The methods may be called from any goroutine, concurrently, Close included: an ioctl never
+// runs on a closed fd, nor on another file that got the fd number after Close (it fails with
+// ErrClosed instead).
 type FD struct {
 	file         *os.File
 	fd           int
 	blocking     bool
 	userModeOnly bool
 	origin       string
-	closed       atomic.Bool
+	life         fdLife
 	handshaken   atomic.Bool
 }
 
@@ -59,11 +38,11 @@ func Open(opts Options) (*FD, error) {
 		flags |= unix.O_NONBLOCK
 	}
 	if opts.UserModeOnly {
-		flags |= userModeOnlyFlag
+		flags |= FlagUserModeOnly
 	}
 	fd, origin, err := create(flags, opts.NoDevice)
 	if err != nil && opts.FallbackUserModeOnly && !opts.UserModeOnly && errors.Is(err, ErrPermission) {
-		fd, origin, err = create(flags|userModeOnlyFlag, opts.NoDevice)
+		fd, origin, err = create(flags|FlagUserModeOnly, opts.NoDevice)
 		if err == nil {
 			opts.UserModeOnly = true
 		}
@@ -115,7 +94,17 @@ func create(flags int, noDevice bool) (int, string, error) {
 }
 
 func newFD(fd int, origin string, blocking bool) *FD {
-	return &FD{fd: fd, origin: origin, blocking: blocking}
+	f := &FD{fd: fd, origin: origin, blocking: blocking}
+	f.life = newFDLife(blocking, f.closeNow)
+	return f
+}
+
+// closeNow closes the fd once no call holds it.
+func (f *FD) closeNow() error {
+	if f.file == nil {
+		return unix.Close(f.fd)
+	}
+	return f.file.Close()
 }
 
 // initFile wraps the fd in an *os.File once the handshake is done. os.NewFile registers a
@@ -158,7 +147,8 @@ func NewFD(fd int, blocking bool) (*FD, error) {
 	return f, nil
 }
 
-// Fd returns the file descriptor number. It stays owned by f.
+// Fd returns the file descriptor number. It stays owned by f; after Close the number may belong
+// to another file.
 func (f *FD) Fd() int { return f.fd }
 
 // UserModeOnly reports whether f was created with UFFD_USER_MODE_ONLY.
@@ -168,33 +158,25 @@ func (f *FD) UserModeOnly() bool { return f.userModeOnly }
 func (f *FD) Origin() string { return f.origin }
 
 // Close closes the userfaultfd. Threads blocked on its faults are woken and retry without it (if
-// no other process holds the fd); a goroutine blocked in Read returns ErrClosed. Closing twice
-// returns nil.
-func (f *FD) Close() error {
-	if f.closed.Swap(true) {
-		return nil
-	}
-	if f.file == nil {
-		return unix.Close(f.fd)
-	}
-	return f.file.Close()
-}
-
-// APIResult is the kernel's answer to the handshake.
-type APIResult struct {
-	// Supported is every feature this kernel supports, not just the requested ones. The enabled
-	// set is in [FD.Info].
-	Supported Feature
-	// Ioctls are the ioctls usable on the fd itself (REGISTER, UNREGISTER, API).
-	Ioctls Ioctls
-}
+// no other process holds the fd); a goroutine blocked in Read of a non-blocking fd returns
+// ErrClosed, and every later call fails with ErrClosed. Calls in flight finish first: on a
+// non-blocking fd Close waits for them (ioctls take microseconds), on a blocking fd the last of
+// them closes the fd (a Read may wait for a message indefinitely) and Close returns nil at once.
+// Closing twice returns nil.
+func (f *FD) Close() error { return f.life.close() }
 
 // API performs the UFFDIO_API handshake, enabling the features requested. It must be the first
 // ioctl on a new fd and can be done once per fd: to learn what the kernel supports before
 // choosing, use [SupportedFeatures], which asks on a throwaway fd.
 func (f *FD) API(features Feature) (APIResult, error) {
+	// The fd is wrapped in its os.File under the same reference as the ioctl, so that a racing
+	// Close either closes the bare number before the handshake or the file after it.
+	if !f.life.acquire() {
+		return APIResult{}, &OpError{Op: "UFFDIO_API", Errno: unix.EBADF, kind: ErrClosed}
+	}
+	defer f.life.release()
 	a := apiArg{api: APIVersion, features: uint64(features)}
-	errno := f.ioctl(reqAPI, unsafe.Pointer(&a))
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), reqAPI, uintptr(unsafe.Pointer(&a)))
 	if errno != 0 {
 		e := &OpError{Op: "UFFDIO_API", Errno: errno}
 		switch errno {
@@ -214,8 +196,6 @@ func (f *FD) API(features Feature) (APIResult, error) {
 		case unix.EPERM:
 			e.kind = ErrPermission
 			e.Detail = "EVENT_FORK needs CAP_SYS_PTRACE"
-		case unix.EBADF:
-			e.kind = ErrClosed
 		}
 		return APIResult{}, e
 	}
@@ -246,37 +226,25 @@ func SupportedFeatures() (Feature, error) {
 	return r.Supported, nil
 }
 
-// ioctl issues one ioctl on the fd; the argument must stay alive across the call.
+// ioctl issues one ioctl on the fd, holding it open across the call; EBADF means Close has
+// begun (the kernel never sees a closed number). The argument must stay alive across the call.
 func (f *FD) ioctl(req uintptr, arg unsafe.Pointer) unix.Errno {
-	if f.closed.Load() {
+	if !f.life.acquire() {
 		return unix.EBADF
 	}
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(f.fd), req, uintptr(arg))
-	runtime.KeepAlive(f)
+	f.life.release() // also keeps f, and so its os.File's finalizer, alive until here
 	return errno
-}
-
-// Info is what /proc/self/fdinfo tells about a userfaultfd.
-type Info struct {
-	// Enabled are the features in force on this fd: those requested at handshake, plus the
-	// ones the kernel implies (WP_ASYNC brings WP_UNPOPULATED).
-	Enabled Feature
-	// Initialized reports whether the handshake was done.
-	Initialized bool
-	// Pending counts fault messages not read yet; Total counts those plus faults read but not
-	// resolved.
-	Pending, Total uint64
-	// Ioctls as the kernel lists them in fdinfo.
-	Ioctls Ioctls
 }
 
 // Info reads the fd's state from /proc/self/fdinfo — the only place the kernel shows the
 // enabled feature set (UFFDIO_API answers with the supported set).
 func (f *FD) Info() (Info, error) {
-	if f.closed.Load() {
+	if !f.life.acquire() {
 		return Info{}, ErrClosed // the number may belong to another file by now
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", f.fd))
+	f.life.release()
 	if err != nil {
 		return Info{}, fmt.Errorf("uffd: read fdinfo: %w", err)
 	}

@@ -12,7 +12,7 @@ import (
 )
 
 // allIoctls is what 6.18 prints as the ioctl set in fdinfo: UFFD_API_IOCTLS |
-// UFFD_API_RANGE_IOCTLS (kernel-abi.md §1.7).
+// UFFD_API_RANGE_IOCTLS.
 const allIoctls = uffd.Ioctls(0x80000000000001ff)
 
 func TestParseFDInfo(t *testing.T) {
@@ -22,7 +22,7 @@ func TestParseFDInfo(t *testing.T) {
 		want uffd.Info
 	}{
 		{
-			// kernel-abi.md §1.7, the uffd lines alone; EVENT_FORK enabled, initialized.
+			// The uffd lines of a 6.18 fdinfo alone; EVENT_FORK enabled, initialized.
 			name: "abi-sample",
 			in:   "pending:\t0\ntotal:\t0\nAPI:\taa:80000002:80000000000001ff\n",
 			want: uffd.Info{Enabled: uffd.FeatureEventFork, Initialized: true, Ioctls: allIoctls},
@@ -152,7 +152,7 @@ func TestInfoHandshake(t *testing.T) {
 		// Capability bits requested are recorded as given.
 		{name: "capabilities", request: uffd.FeatureMissingShmem | uffd.FeatureMove,
 			enabled: uffd.FeatureMissingShmem | uffd.FeatureMove},
-		// WP_ASYNC brings WP_UNPOPULATED with it (kernel-abi.md §1.6).
+		// WP_ASYNC brings WP_UNPOPULATED with it (the kernel sets it at handshake).
 		{name: "wp-async", request: uffd.FeatureWPAsync, enabled: uffd.FeatureWPAsync | uffd.FeatureWPUnpopulated},
 		{name: "blocking-syscall", opts: uffd.Options{Blocking: true, NoDevice: true}, request: uffd.FeatureSigbus,
 			enabled: uffd.FeatureSigbus},

@@ -14,9 +14,8 @@ import (
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// The wp-fork scenarios of the kernel selftests (uffd-unit-tests tests 6 and 7, kernel-abi.md
-// §3.3, §3.6, §1.11): write protection survives fork() only when the handler follows the fork
-// with EVENT_FORK.
+// The wp-fork scenarios of the kernel selftests (uffd-unit-tests wp-fork and wp-fork-with-event):
+// write protection survives fork() only when the handler follows the fork with EVENT_FORK.
 
 const pmUffdWP = 1 << 57 // pagemap: PTE is uffd-wp write-protected (also on markers)
 

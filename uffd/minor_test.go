@@ -76,7 +76,7 @@ func (m *minorServer) resolve(h *handler, pf uffd.Pagefault) error {
 	return nil
 }
 
-// The selftests minor and minor-wp (kernel-abi.md §3.4, §4.2 tests 11 and 12) on shmem and
+// The selftests minor and minor-wp (tools/testing/selftests/mm/uffd-unit-tests.c) on shmem and
 // shared hugetlbfs: the child fills every page through its alias, so the page cache is full and
 // the registered mapping has no page table entries; its reads raise MINOR faults; the handler
 // flips every byte through its own mapping of the memfd and CONTINUEs; the child sees the flipped

@@ -42,7 +42,7 @@ func runMove(t *testing.T, pages int, how string) moveResult {
 	return moveResult{int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5])}
 }
 
-// The selftest move (kernel-abi.md §3.7, §4.2 test 3): MOVE must be issued by the process that
+// The selftest move (uffd-unit-tests): MOVE must be issued by the process that
 // owns the memory, so the whole scenario runs in the child — src filled with a pattern
 // (MADV_NOHUGEPAGE, MADV_DONTFORK), dst registered MISSING, a handler goroutine moving one page
 // per fault from src, faults raised inside MADV_POPULATE_READ. Every page must arrive intact, in
@@ -59,7 +59,7 @@ func TestMove(t *testing.T) {
 	}
 }
 
-// The selftest move-pmd (§4.2 test 4): 2 MiB-aligned transparent huge pages (MADV_HUGEPAGE on
+// The selftest move-pmd (uffd-unit-tests): 2 MiB-aligned transparent huge pages (MADV_HUGEPAGE on
 // src and dst; THP is "madvise" here), moved a whole PMD per fault.
 func TestMovePMD(t *testing.T) {
 	const chunks = 8
@@ -78,7 +78,7 @@ func TestMovePMD(t *testing.T) {
 	}
 }
 
-// MOVE's errors, from inside the owner (kernel-abi.md §1.9): EEXIST onto a mapped dst page,
+// MOVE's errors, from inside the owner: EEXIST onto a mapped dst page,
 // ENOENT from a src hole (and success with MoveAllowSrcHoles, leaving dst empty), EBUSY for a src
 // page shared with a fork child. And from any other process — this one — EINVAL.
 func TestMoveErrors(t *testing.T) {

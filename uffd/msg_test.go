@@ -13,8 +13,8 @@ import (
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// Builders of struct uffd_msg in the machine's byte order, laid out as kernel-abi.md §1.4 says
-// (independently of the decoder under test).
+// Builders of struct uffd_msg in the machine's byte order, laid out as the uapi header has it:
+// event at 0, reserved bytes 1-7, the union from 8 (independently of the decoder under test).
 
 func pagefaultMsg(flags uint64, addr uint64, tid uint32) uffd.Msg {
 	var m uffd.Msg

@@ -8,17 +8,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Known mode bits per ioctl, for diagnosing EINVAL.
-const (
-	registerModes     = uint64(ModeMissing | ModeWP | ModeMinor)
-	copyModes         = uint64(CopyDontWake | CopyWP)
-	zeropageModes     = uint64(ZeropageDontWake)
-	writeprotectModes = uint64(WriteprotectWP | WriteprotectDontWake)
-	continueModes     = uint64(ContinueDontWake | ContinueWP)
-	poisonModes       = uint64(PoisonDontWake)
-	moveModes         = uint64(MoveDontWake | MoveAllowSrcHoles)
-)
-
 // Register registers [start, start+length) in the given modes and returns the ioctls usable on
 // the range (which depend on the memory type: hugetlb offers no ZEROPAGE or MOVE). Registering a
 // range again on the same fd replaces its modes, except that a mapping which already has every
@@ -33,9 +22,10 @@ func (f *FD) Register(start, length uintptr, mode RegisterMode) (Ioctls, error) 
 	return Ioctls(a.ioctls), nil
 }
 
-// Unregister removes the registration of [start, start+length). The kernel wakes MISSING faults
-// pending in the range, not WP or MINOR ones, and may miss a fault racing with it: follow it
-// with [FD.Wake] on the range.
+// Unregister removes the registration of [start, start+length). The kernel wakes the faults
+// pending in mappings registered with ModeMissing (whatever their other modes), not those of
+// mappings registered only WP or MINOR, and may miss a fault racing with it: follow it with
+// [FD.Wake] on the range.
 func (f *FD) Unregister(start, length uintptr) error {
 	a := rangeArg{uint64(start), uint64(length)}
 	if errno := f.ioctl(reqUnregister, unsafe.Pointer(&a)); errno != 0 {

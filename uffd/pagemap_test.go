@@ -16,7 +16,7 @@ import (
 )
 
 // The PAGEMAP_SCAN tests run in this process: with FeatureWPAsync the kernel resolves writes to
-// protected pages itself, so touching the registered memory never blocks (kernel-abi.md §3.3),
+// protected pages itself (no message, no blocked thread), so touching the registered memory never blocks,
 // and the only registration is ModeWP (no MISSING faults).
 
 // wpAsyncArea maps pages of anonymous memory here, registers them ModeWP on a FeatureWPAsync
@@ -76,7 +76,7 @@ func wantRegions(t *testing.T, what string, got []uffd.PageRegion, base uintptr,
 	}
 }
 
-// The run of kernel-abi.md §1.11: 16 pages protected, pages 2, 3 and 9 written (no messages,
+// A dirty-tracking run: 16 pages protected, pages 2, 3 and 9 written (no messages,
 // nothing blocks), the WRITTEN scan reports [2,4) and [9,10); a WP_MATCHING scan reports them
 // and re-protects them, so the next one reports nothing. Then every category of every page.
 func TestPagemapScanDirty(t *testing.T) {
@@ -166,7 +166,7 @@ func TestPagemapScanDirty(t *testing.T) {
 	}
 }
 
-// The sanity checks of the kernel's pagemap_ioctl selftest (kernel-abi.md §4.5).
+// The sanity checks of the kernel's pagemap_ioctl selftest (tools/testing/selftests/mm/pagemap_ioctl.c).
 func TestPagemapScanChecks(t *testing.T) {
 	const pages = 16
 	_, mem, ps := wpAsyncArea(t, pages)

@@ -60,7 +60,7 @@ func (r *Reader) Read(msgs []Msg) (int, error) {
 	if len(msgs) == 0 {
 		return 0, errors.New("uffd: Read with an empty buffer")
 	}
-	if r.f.closed.Load() {
+	if r.f.life.closed() {
 		return 0, ErrClosed
 	}
 	if r.rc == nil && !r.f.blocking {
@@ -77,10 +77,17 @@ func (r *Reader) Read(msgs []Msg) (int, error) {
 	r.buf = unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize)
 	r.n, r.errno = 0, nil
 	if r.rc == nil {
+		// Blocking: hold the fd across read(2), so Close cannot free its number meanwhile (the
+		// read, not Close, then closes it; see FD.Close).
+		if !r.f.life.acquire() {
+			r.buf = nil
+			return 0, ErrClosed
+		}
 		r.readFn(uintptr(r.f.fd))
 		for r.errno == nil && r.n == 0 { // a blocking fd returns EAGAIN only if made non-blocking elsewhere
 			r.readFn(uintptr(r.f.fd))
 		}
+		r.f.life.release()
 	} else if err := r.rc.Read(r.readFn); err != nil {
 		r.buf = nil
 		return 0, r.mapErr(err)
@@ -97,9 +104,10 @@ func (r *Reader) TryRead(msgs []Msg) (int, error) {
 	if len(msgs) == 0 {
 		return 0, errors.New("uffd: TryRead with an empty buffer")
 	}
-	if r.f.closed.Load() {
+	if !r.f.life.acquire() {
 		return 0, ErrClosed
 	}
+	defer r.f.life.release()
 	buf := unsafe.Slice(&msgs[0][0], len(msgs)*MsgSize)
 	for {
 		var n int
@@ -127,7 +135,7 @@ func (r *Reader) TryRead(msgs []Msg) (int, error) {
 }
 
 func (r *Reader) mapErr(err error) error {
-	if r.f.closed.Load() {
+	if r.f.life.closed() {
 		return ErrClosed
 	}
 	if errors.Is(err, unix.EINVAL) {

@@ -95,7 +95,7 @@ func modeFlags(m uffd.RegisterMode) string {
 }
 
 // registerMatrix is what UFFDIO_REGISTER answers on 6.18 for every mode 0..7 (index = mode),
-// per class of memory; 0 means EINVAL. kernel-abi.md §1.7.
+// per class of memory, as measured on that kernel; 0 means EINVAL.
 var registerMatrix = map[string][8]uffd.Ioctls{
 	//          0  MISSING  WP     M|WP   MINOR  M|MINOR WP|MINOR all
 	"anon":    {0, 0x13c, 0x17c, 0x17c, 0, 0, 0, 0},

@@ -14,8 +14,8 @@ import (
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// The SIGBUS scenarios of the kernel selftests (uffd-unit-tests tests 14 and 15, kernel-abi.md
-// §3.7): with FeatureSigbus a userfault raises SIGBUS in the faulting thread and no message is
+// The SIGBUS scenarios of the kernel selftests (uffd-unit-tests sigbus and sigbus-wp): with
+// FeatureSigbus a userfault raises SIGBUS in the faulting thread and no message is
 // queued; the handler can still fill the page and the access then succeeds. The feature is
 // inherited through EVENT_FORK, so a forked child touching a missing page dies of SIGBUS.
 

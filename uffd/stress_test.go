@@ -2,8 +2,8 @@
 
 package uffd_test
 
-// A port of the kernel's uffd-stress bounce test (tools/testing/selftests/mm/uffd-stress.c,
-// kernel-abi.md §4.3) in our own code, against the real kernel, for every memory kind.
+// A port of the kernel's uffd-stress bounce test (tools/testing/selftests/mm/uffd-stress.c)
+// in our own code, against the real kernel, for every memory kind.
 //
 // Roles. The puppet child owns two areas of the kind, src and dst, and count_verify (in its own
 // heap). Per bounce it registers dst MISSING (+WP), empties it and runs nr_parallel locking
@@ -65,7 +65,7 @@ const (
 	stressTimeout   = 60 * time.Second
 	// stressMaxMsgs bounds the MISSING messages for one page in one bounce. Duplicates are normal
 	// (racing lockers, signal-interrupted faults), a few per page; thousands mean a fault that
-	// COPY cannot resolve (an exhausted hugetlb pool answers EEXIST, kernel-pitfalls-6.18.md §3).
+	// COPY cannot resolve (into MAP_NORESERVE hugetlb memory, an exhausted pool answers EEXIST).
 	stressMaxMsgs = 1000
 )
 
@@ -605,8 +605,8 @@ func (r *stressRun) bounce(mode int, tot *stressTotals) {
 		}
 	}
 	end := call(puppet.Request{Op: "stress-end", Ints: []int64{r.sid, int64(mode & puppet.StressVerify)}})
-	// UNREGISTER may miss a fault racing with it (kernel-pitfalls-6.18.md §1); none should be
-	// pending now, and a WAKE makes sure.
+	// UNREGISTER wakes the faults pending before it takes its locks, and may miss one racing
+	// with it; none should be pending now, and a WAKE makes sure.
 	if err := fd.Wake(dst, uintptr(r.size)); err != nil {
 		fatal("wake dst: %v", err)
 	}

@@ -44,7 +44,7 @@ func (w *wpUnprotect) distinct() int {
 	return len(w.pages)
 }
 
-// The selftest wp-unpopulated (kernel-abi.md §3.3, §4.2 test 10) on anonymous memory in a child:
+// The selftest wp-unpopulated (uffd-unit-tests) on anonymous memory in a child:
 // with FeatureWPUnpopulated, WRITEPROTECT puts a marker on a never-touched page (pagemap bit 57);
 // unprotecting or MADV_DONTNEED removes it; a write to a marked page is a WP fault (WP|WRITE)
 // that unprotecting resolves; a read of a marked page maps the zero page without a fault.

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/faultline-go/faultline/probe"
 	"github.com/faultline-go/faultline/uffd"
 )
 
@@ -34,7 +35,7 @@ func runProbe(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	s, err := uffd.Probe()
+	s, err := probe.Run()
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline probe:", err)
 		return 1
@@ -60,7 +61,7 @@ func yesNo(ok bool) string {
 }
 
 // outcome prints an attempt as "yes" or "no (EPERM)".
-func outcome(a uffd.Attempt) string {
+func outcome(a probe.Attempt) string {
 	switch {
 	case a.OK:
 		return "yes"
@@ -98,7 +99,7 @@ func owner(uid, gid int) string {
 }
 
 // printSupport writes the report as tables, one section per aspect.
-func printSupport(w io.Writer, s *uffd.Support) {
+func printSupport(w io.Writer, s *probe.Support) {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	section := func(title string) {
 		tw.Flush()
@@ -189,7 +190,7 @@ func orUnknown(s string) string {
 
 // printRegister prints the registration matrix, kinds × modes, each cell the ioctls answered
 // (hex) or the errno, then the names of each ioctl set that appeared.
-func printRegister(w io.Writer, tw *tabwriter.Writer, section func(string), s *uffd.Support) {
+func printRegister(w io.Writer, tw *tabwriter.Writer, section func(string), s *probe.Support) {
 	section("\nregister (UFFDIO_REGISTER of an untouched area: ioctls answered, or the error)")
 	var kinds []string
 	var modes []uffd.RegisterMode

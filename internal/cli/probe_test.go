@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/probe"
 	"github.com/faultline-go/faultline/uffd"
 )
 
@@ -15,7 +16,7 @@ func TestProbeJSON(t *testing.T) {
 	if code != 0 || errs != "" {
 		t.Fatalf("probe --json: exit %d, stderr %q", code, errs)
 	}
-	var s uffd.Support
+	var s probe.Support
 	dec := json.NewDecoder(strings.NewReader(out))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&s); err != nil {
@@ -33,7 +34,7 @@ func TestProbeJSON(t *testing.T) {
 	if !s.Features.Supported.Has(uffd.KnownFeatures) {
 		t.Errorf("supported %v lacks %v", s.Features.Supported, uffd.KnownFeatures&^s.Features.Supported.Feature)
 	}
-	if got, want := len(s.Register), len(memory.Kinds)*len(uffd.ProbeModes); got != want {
+	if got, want := len(s.Register), len(memory.Kinds)*len(probe.Modes); got != want {
 		t.Errorf("%d register entries, want %d", got, want)
 	}
 	if r, ok := s.Registration("anon", uffd.ModeMissing); !ok || !r.OK || r.Ioctls.Ioctls != 0x13c {
@@ -72,7 +73,7 @@ func TestProbeText(t *testing.T) {
 			t.Errorf("feature line %q, want it to end with %q", line, want)
 		}
 	})
-	for _, m := range uffd.ProbeModes {
+	for _, m := range probe.Modes {
 		if !strings.Contains(lineWith(out, "  KIND "), " "+m.String()) {
 			t.Errorf("register matrix has no column %v", m)
 		}

@@ -1,6 +1,6 @@
 //go:build linux
 
-package uffd_test
+package probe_test
 
 import (
 	"bufio"
@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,11 +20,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/probe"
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// wantRegister is the registration matrix of kernel-abi.md §1.7 (Linux 6.18): the ioctls
+// wantRegister is the registration matrix as Linux 6.18 answers it: the ioctls
 // UFFDIO_REGISTER answers per memory kind, for the modes MISSING, WP, MINOR, MISSING|WP and
 // MINOR|WP in that order; 0 means the kernel refuses the mode with EINVAL.
 var (
@@ -37,8 +40,8 @@ var (
 	}
 )
 
-// checkRegisterMatrix compares the probe's matrix with kernel-abi.md §1.7, entry by entry.
-func checkRegisterMatrix(t *testing.T, s *uffd.Support) {
+// checkRegisterMatrix compares the probe's matrix with wantRegister, entry by entry.
+func checkRegisterMatrix(t *testing.T, s *probe.Support) {
 	t.Helper()
 	if got, want := len(s.Register), len(memory.Kinds)*len(probeModes); got != want {
 		t.Errorf("register matrix has %d entries, want %d", got, want)
@@ -67,9 +70,9 @@ func checkRegisterMatrix(t *testing.T, s *uffd.Support) {
 
 func TestProbe(t *testing.T) {
 	if os.Geteuid() != 0 {
-		requireKernel(t, "TestProbe expects root (CAP_SYS_PTRACE, access to /dev/userfaultfd)")
+		kerneltest.Require(t, "TestProbe expects root (CAP_SYS_PTRACE, access to /dev/userfaultfd)")
 	}
-	s, err := uffd.Probe()
+	s, err := probe.Run()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +105,7 @@ func TestProbe(t *testing.T) {
 	}
 	if c.UnprivilegedUserfaultfd == nil {
 		t.Error("vm.unprivileged_userfaultfd not reported")
-	} else if b, _ := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); strings.TrimSpace(string(b)) != itoa(*c.UnprivilegedUserfaultfd) {
+	} else if b, _ := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); strings.TrimSpace(string(b)) != strconv.Itoa(*c.UnprivilegedUserfaultfd) {
 		t.Errorf("vm.unprivileged_userfaultfd %d, file says %q", *c.UnprivilegedUserfaultfd, b)
 	}
 
@@ -139,7 +142,7 @@ func TestProbe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var back uffd.Support
+	var back probe.Support
 	if err := json.Unmarshal(b, &back); err != nil {
 		t.Fatal(err)
 	}
@@ -192,12 +195,12 @@ func openFDs(t *testing.T) map[string]string {
 func TestProbeNoLeak(t *testing.T) {
 	// A first probe may initialise runtime state that stays (the netpoller's epoll fd): count
 	// after it.
-	if _, err := uffd.Probe(); err != nil {
+	if _, err := probe.Run(); err != nil {
 		t.Fatal(err)
 	}
 	before := openFDs(t)
 	for range 2 {
-		if _, err := uffd.Probe(); err != nil {
+		if _, err := probe.Run(); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -232,7 +235,7 @@ const probeMarker = "FAULTLINE-PROBE-JSON: "
 func TestProbeUnprivileged(t *testing.T) {
 	if os.Getenv(probeChildEnv) == "1" {
 		// The child: run as uid 65534 by the test below.
-		s, err := uffd.Probe()
+		s, err := probe.Run()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -244,13 +247,13 @@ func TestProbeUnprivileged(t *testing.T) {
 		return
 	}
 	if os.Geteuid() != 0 {
-		requireKernel(t, "switching to uid 65534 needs root")
+		kerneltest.Require(t, "switching to uid 65534 needs root")
 	}
 	if b, _ := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); strings.TrimSpace(string(b)) != "0" {
-		requireKernel(t, "vm.unprivileged_userfaultfd is not 0 here; the test checks the default policy")
+		kerneltest.Require(t, "vm.unprivileged_userfaultfd is not 0 here; the test checks the default policy")
 	}
 	if st, err := os.Stat(uffd.DevicePath); err != nil || st.Mode().Perm()&0o066 != 0 {
-		requireKernel(t, uffd.DevicePath+" is missing or open to non-root users here")
+		kerneltest.Require(t, uffd.DevicePath+" is missing or open to non-root users here")
 	}
 
 	// go test's binary sits in a directory only root can enter: copy it where uid 65534 can
@@ -267,7 +270,7 @@ func TestProbeUnprivileged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin := filepath.Join(dir, "uffd.test")
+	bin := filepath.Join(dir, "probe.test")
 	copyFile(t, self, bin, 0o755)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -280,12 +283,12 @@ func TestProbeUnprivileged(t *testing.T) {
 	if err != nil {
 		t.Fatalf("probe as uid 65534: %v\n%s", err, out)
 	}
-	var s *uffd.Support
+	var s *probe.Support
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		if j, ok := strings.CutPrefix(sc.Text(), probeMarker); ok {
-			s = new(uffd.Support)
+			s = new(probe.Support)
 			if err := json.Unmarshal([]byte(j), s); err != nil {
 				t.Fatalf("child's report: %v\n%s", err, j)
 			}
