@@ -17,44 +17,6 @@ import (
 	"github.com/faultline-go/faultline/uffd"
 )
 
-// Options tune an Engine. The zero value serves one page per fault from one goroutine.
-type Options struct {
-	// Workers is the number of goroutines resolving faults (default 1). One of them, Run's own,
-	// is the only reader of the userfaultfd; the others start when a batch first brings more
-	// than one fault, and take faults from the reader. More than the number of CPUs rarely helps.
-	Workers int
-	// FaultAround sets how many pages a fault installs (default 1, fixed).
-	FaultAround FaultAround
-	// Fetchers is the number of goroutines reading sources that are not resident (default 8).
-	// They start with the first fault such a source has to serve.
-	Fetchers int
-	// SpinReads is how many times at most the reader, finding no message, yields its CPU and
-	// looks again before parking in the netpoller (default 32; negative: never). Faults that
-	// arrive back to back — a thread resumed by one install faults on the next page
-	// microseconds later — are then read without a netpoller round trip. Looking costs a
-	// poll(2) and a sched_yield(2), never the engine's lock. The budget adapts: it doubles when
-	// a spin finds a message and halves when it does not, so an idle engine stops spinning.
-	SpinReads int
-	// PollThread makes the reader keep an OS thread blocked in poll(2) on the fd instead of
-	// parking in the netpoller: the lowest wake-up latency (the C handler's path), at the cost
-	// of one thread.
-	PollThread bool
-	// Logger receives events worth an operator's attention (default: slog.Default()).
-	Logger *slog.Logger
-	// OnFork is called with the engine that serves a forked child's userfaultfd (FORK event),
-	// after it started, from the reader's goroutine (no lock held). The child engine runs until
-	// its process is gone or the parent is closed; the parent's Run waits for it.
-	OnFork func(child *Engine)
-}
-
-// ErrProcessGone is returned by Run when the process owning the memory exited while faults
-// were being served.
-var ErrProcessGone = uffd.ErrProcessGone
-
-// ErrRunOnce is returned by Run when the engine runs or ran already: an engine serves one
-// userfaultfd once.
-var ErrRunOnce = errors.New("engine: Run called twice")
-
 const (
 	stateNew     int32 = iota
 	stateRunning       // Run has started
