@@ -27,6 +27,11 @@ type reader struct {
 	clones  []forkState
 	at      time.Time // when the batch was read
 	spin    int       // current spin budget, adapted between 1 and Options.SpinReads
+	// yieldScore says how well looking again after sched_yield(2) has paid lately (0..4): it
+	// does when the faulting thread shares the reader's CPU. parks counts spins that found
+	// nothing.
+	yieldScore int
+	parks      uint
 	pfd     []unix.PollFd
 	locked  bool // PollThread: this goroutine holds its OS thread
 }
@@ -86,24 +91,42 @@ func (r *reader) tryRead() bool {
 }
 
 // wait returns with a batch read (r.n > 0), or with r.n == 0 when the engine stops.
+//
+// Before parking it spins: it looks again, up to r.spin times, yielding the P between looks (a
+// fault from a thread on another CPU arrives within microseconds), then — while that pays —
+// once more after yielding the CPU itself (the faulting thread may be waiting for this CPU). A look reads
+// under the exclusive lock only when the lock is free at once; while installers hold it, the
+// look is a poll(2), so spinning never holds them up.
 func (r *reader) wait() error {
 	e := r.e
-	for spin := 0; spin < r.spin; spin++ {
-		if e.stopping.Load() {
-			return nil
-		}
-		if r.tryRead() {
-			if spin > 0 {
-				r.spin = min(r.spin*2, e.opts.SpinReads)
+	if e.opts.SpinReads > 0 {
+		for spin := 0; spin < r.spin; spin++ {
+			if e.stopping.Load() {
+				return nil
 			}
-			return nil
+			if r.look() {
+				if spin > 0 {
+					r.spin = min(r.spin*2, e.opts.SpinReads)
+				}
+				return nil
+			}
+			runtime.Gosched()
 		}
-		// Yield the CPU, not just the P: on a CPU shared with the faulting thread, that thread
-		// runs now and its next fault is what the next look finds.
-		unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
-	}
-	if r.spin > 1 {
-		r.spin /= 2
+		if r.spin > 1 {
+			r.spin /= 2
+		}
+		// Yielding the CPU costs a system call and, when the faulting thread runs elsewhere,
+		// finds nothing: do it while it pays, and otherwise only every 16th time, to notice when
+		// it starts to.
+		if r.yieldScore > 0 || r.parks%16 == 0 {
+			unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+			if r.look() {
+				r.yieldScore = min(r.yieldScore+1, 4)
+				return nil
+			}
+			r.yieldScore = max(r.yieldScore-1, 0)
+		}
+		r.parks++
 	}
 	if e.opts.PollThread {
 		return r.pollWait()
@@ -115,6 +138,29 @@ func (r *reader) wait() error {
 		return fmt.Errorf("engine: read userfaultfd: %w", err)
 	}
 	return nil
+}
+
+// look reads a batch if one is pending, without blocking and without waiting for the lock.
+func (r *reader) look() bool {
+	e := r.e
+	if !e.mu.TryLock() {
+		return r.tryRead() // installers at work: ask poll(2) first, then wait for the lock
+	}
+	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
+	n, err := unix.Read(e.fd.Fd(), buf)
+	if err != nil {
+		e.mu.Unlock()
+		if err != unix.EAGAIN && err != unix.EINTR {
+			r.readErr = fmt.Errorf("engine: read userfaultfd: %w", err)
+			return true
+		}
+		return false
+	}
+	r.n = n / uffd.MsgSize
+	r.at = time.Now()
+	r.readErr = r.applyEvents()
+	e.mu.Unlock()
+	return true
 }
 
 // pollWait waits for messages in poll(2) on this goroutine's own thread, then reads a batch.
