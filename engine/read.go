@@ -32,8 +32,8 @@ type reader struct {
 	// nothing.
 	yieldScore int
 	parks      uint
-	pfd     []unix.PollFd
-	locked  bool // PollThread: this goroutine holds its OS thread
+	pfd        []unix.PollFd
+	locked     bool // PollThread: this goroutine holds its OS thread
 }
 
 func (e *Engine) newReader() *reader {
