@@ -27,7 +27,7 @@ type vm struct {
 	conn    *net.UnixConn
 	pid     int
 	uid     uint32
-	pidfd   int    // names the VMM process itself, whatever its pid becomes (see peerPidfd)
+	pidfd   int    // names the VMM process itself, whatever its pid becomes (see peerPidfd); run sets -1 under mu when it closes it
 	pidfdBy string // how the pidfd was obtained
 	started time.Time
 	log     *slog.Logger
@@ -103,7 +103,10 @@ func (v *vm) run() {
 	v.stopEngines()
 	v.wg.Wait()
 	v.conn.Close()
+	v.mu.Lock()
 	unix.Close(v.pidfd)
+	v.pidfd = -1
+	v.mu.Unlock()
 }
 
 func (v *vm) isEnded() bool {
@@ -130,14 +133,21 @@ func (v *vm) end(cause string) {
 
 // fail applies the failure policy: the VM cannot be served.
 func (v *vm) fail(err error) {
+	kill := v.d.cfg.OnFailure == Kill
+	var kerr error
 	v.mu.Lock()
 	if v.failure == nil {
 		v.failure = err
 	}
+	// Under mu, which run holds to close the pidfd: the number is never used after it may
+	// name another VM's pidfd.
+	if kill && v.pidfd >= 0 {
+		kerr = unix.PidfdSendSignal(v.pidfd, unix.SIGKILL, nil, 0)
+	}
 	v.mu.Unlock()
-	if v.d.cfg.OnFailure == Kill {
+	if kill {
 		v.log.Error("cannot serve VM: killing the VMM", "err", err)
-		if kerr := unix.PidfdSendSignal(v.pidfd, unix.SIGKILL, nil, 0); kerr != nil && kerr != unix.ESRCH {
+		if kerr != nil && kerr != unix.ESRCH {
 			v.log.Error("SIGKILL through pidfd failed", "err", kerr)
 		}
 	} else {
