@@ -22,12 +22,14 @@ import (
 
 // vm is one connected VMM and the engines serving its userfaultfds.
 type vm struct {
-	d       *Daemon
-	id      int64
-	conn    *net.UnixConn
-	pid     int
-	uid     uint32
-	pidfd   int    // names the VMM process itself, whatever its pid becomes (see peerPidfd); run sets -1 under mu when it closes it
+	d    *Daemon
+	id   int64
+	conn *net.UnixConn
+	pid  int
+	uid  uint32
+	// pidfd names the VMM process itself, whatever its pid becomes (see peerPidfd); run sets
+	// it to -1, under mu, when it closes it.
+	pidfd   int
 	pidfdBy string // how the pidfd was obtained
 	started time.Time
 	log     *slog.Logger
