@@ -249,6 +249,8 @@ func fleetFault(b *testing.B, mem string, n, pages int) (pps, cpuPerPage float64
 			b.Fatal(err)
 		}
 	}
+	// The counters may trail the wake-ups the touches returned on by a moment.
+	waitFleet(b, "every page counted", func() bool { return f.d.Summary().Pages >= uint64(n*pages) })
 	if s := f.d.Summary(); s.Pages != uint64(n*pages) {
 		b.Fatalf("the daemon installed %d pages, want %d", s.Pages, n*pages)
 	}
