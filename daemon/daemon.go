@@ -48,7 +48,14 @@ type Config struct {
 	// the arrival of a started handshake (default 5 s).
 	MaxRegions       int
 	HandshakeTimeout time.Duration
-	Logger           *slog.Logger
+	// MaxHandshakes bounds the handshakes one connection may send, each of which starts an
+	// engine (default 8). Firecracker sends one; the headroom is for a VMM that hands over
+	// memory added later on the same stream. A handshake beyond it is refused with the
+	// failure policy.
+	MaxHandshakes int
+	// Logger receives the daemon's log and, with the VM's "vm" and "pid" attributes, its
+	// engines' (default slog.Default(); Engine.Logger, if set, is used for the engines instead).
+	Logger *slog.Logger
 	// OnVMEnd, if set, is called with each VM's final report.
 	OnVMEnd func(Report)
 }
@@ -60,6 +67,12 @@ type Daemon struct {
 	src  *source.File
 	ln   *net.UnixListener
 	path string
+	// sock is the (device, inode) of the socket file we bound: on stop the path is removed
+	// only while it still names that file, not a successor's socket renamed over it.
+	sock  fileID
+	exits *exitWatcher
+
+	warnedPidfd atomic.Bool
 
 	mu       sync.Mutex
 	vms      map[*vm]struct{}
@@ -87,6 +100,9 @@ func New(cfg Config) (*Daemon, error) {
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 5 * time.Second
 	}
+	if cfg.MaxHandshakes <= 0 {
+		cfg.MaxHandshakes = 8
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -94,28 +110,51 @@ func New(cfg Config) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("daemon: memory file: %w", err)
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, path: cfg.Socket, vms: map[*vm]struct{}{},
+	exits, err := newExitWatcher()
+	if err != nil {
+		src.Close()
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
 		accepted: make(chan struct{}), done: make(chan struct{})}
 	if err := d.listen(); err != nil {
+		exits.close()
 		src.Close()
 		return nil, err
 	}
 	return d, nil
 }
 
+// fileID identifies a file: what a path names, whatever the path.
+type fileID struct{ dev, ino uint64 }
+
+func statID(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{uint64(st.Dev), uint64(st.Ino)}, nil
+}
+
 // listen binds the socket under a temporary name, sets its mode and owner, then renames it into
-// place, so no client can connect before the permissions hold.
+// place, so no client can connect before the permissions hold. The rename replaces a stale
+// socket file atomically, so the path never goes missing.
 func (d *Daemon) listen() error {
 	if fi, err := os.Lstat(d.path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return fmt.Errorf("daemon: %s exists and is not a socket", d.path)
 		}
-		// A stale socket of a previous run: refuse if someone still listens on it.
-		if c, err := net.Dial("unix", d.path); err == nil {
+		// Stale only if nobody listens: connect(2) is refused. EAGAIN means a listener with a
+		// full backlog — a busy daemon, not a stale file.
+		c, err := net.Dial("unix", d.path)
+		switch {
+		case err == nil:
 			c.Close()
 			return fmt.Errorf("daemon: %s: another daemon is listening", d.path)
+		case errors.Is(err, unix.ECONNREFUSED), errors.Is(err, unix.ENOENT):
+		default:
+			return fmt.Errorf("daemon: %s: cannot tell whether it is stale: %w", d.path, err)
 		}
-		os.Remove(d.path)
 	}
 	tmp := filepath.Join(filepath.Dir(d.path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(d.path), os.Getpid()))
 	os.Remove(tmp)
@@ -138,12 +177,17 @@ func (d *Daemon) listen() error {
 		os.Remove(tmp)
 		return fmt.Errorf("daemon: chmod socket: %w", err)
 	}
-	if err := os.Rename(tmp, d.path); err != nil {
+	// The temporary name is ours alone (it carries our pid); rename keeps the inode.
+	id, err := statID(tmp)
+	if err == nil {
+		err = os.Rename(tmp, d.path)
+	}
+	if err != nil {
 		ln.Close()
 		os.Remove(tmp)
 		return fmt.Errorf("daemon: %w", err)
 	}
-	d.ln = ln
+	d.ln, d.sock = ln, id
 	return nil
 }
 
@@ -154,6 +198,7 @@ func (d *Daemon) Addr() string { return d.path }
 // after a drain or close.
 func (d *Daemon) Serve() error {
 	var err error
+	go d.exits.run()
 	for {
 		c, aerr := d.ln.AcceptUnix()
 		if aerr != nil {
@@ -174,6 +219,7 @@ func (d *Daemon) Serve() error {
 	}
 	d.stopListening()
 	d.wg.Wait()
+	d.exits.close()
 	d.src.Close()
 	close(d.done)
 	return err
@@ -191,8 +237,12 @@ func (d *Daemon) Drain() {
 func (d *Daemon) stopListening() {
 	d.draining.Store(true)
 	d.ln.Close()
-	// Remove our socket, not a successor's: only if it is still the one we bound.
-	os.Remove(d.path)
+	// Remove our socket, not a successor's: only if the path still names the file we bound. (A
+	// successor renaming its socket over the path between the check and the unlink would still
+	// lose it; the window is two system calls wide, where it used to be the whole drain.)
+	if id, err := statID(d.path); err == nil && id == d.sock {
+		os.Remove(d.path)
+	}
 }
 
 // Close stops serving every VM now (applying the failure policy: a VM left without a handler
@@ -237,15 +287,19 @@ func (d *Daemon) handle(c *net.UnixConn) {
 		c.Close()
 		return
 	}
-	pidfd, err := unix.PidfdOpen(int(cred.Pid), unix.PIDFD_NONBLOCK)
+	pidfd, how, err := peerPidfd(c, cred.Pid)
 	if err != nil {
 		d.log.Warn("VMM gone before it was served", "pid", cred.Pid, "err", err)
 		c.Close()
 		return
 	}
+	if how != pidfdPeer && !d.warnedPidfd.Swap(true) {
+		d.log.Warn("the kernel has no SO_PEERPIDFD (Linux < 6.5): VMM pidfds are opened by pid, " +
+			"so a VMM that exits before that and whose pid is reused names the wrong process")
+	}
 	d.mu.Lock()
 	d.nextID++
-	v := newVM(d, d.nextID, c, cred, pidfd)
+	v := newVM(d, d.nextID, c, cred, pidfd, how)
 	d.vms[v] = struct{}{}
 	d.mu.Unlock()
 	v.run()

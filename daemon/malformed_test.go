@@ -4,6 +4,7 @@ package daemon_test
 
 import (
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/daemon"
+	"github.com/faultline-go/faultline/firecracker"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/vmm"
 	"github.com/faultline-go/faultline/uffd"
@@ -125,13 +127,7 @@ func TestAllowUIDs(t *testing.T) {
 	p := rawPeer(t)
 	// The daemon may close the connection before the send: its error does not matter.
 	p.Do(puppet.Request{Op: "fc-raw", Str: f.d.Addr(), Data: []byte(`[]`), Ints: []int64{1}})
-	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(f.logs.String(), "uid not allowed") {
-		if time.Now().After(deadline) {
-			t.Fatalf("no refusal logged:\n%s", f.logs.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitUntil(t, "the refusal logged", func() bool { return strings.Contains(f.logs.String(), "uid not allowed") })
 	if f.d.Live() != 0 {
 		t.Fatalf("a refused VMM is being served")
 	}
@@ -160,5 +156,143 @@ func TestSocketMode(t *testing.T) {
 	os.WriteFile(path, []byte("x"), 0o600)
 	if _, err := daemon.New(daemon.Config{Socket: path, MemFile: snapshot(t, 4096)}); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("New over a regular file: %v", err)
+	}
+}
+
+// A rolling restart: the old daemon drains with a VM still live, its successor binds the same
+// path, and when the old one finally stops it leaves the successor's socket alone (the path is
+// removed only while it names the socket the old daemon bound). Fails on main before the fix:
+// the old daemon removed the path unconditionally and new VMs could not connect.
+func TestStopKeepsSuccessorSocket(t *testing.T) {
+	const size = 4 << 20
+	mem := snapshot(t, size)
+	old := start(t, mem, nil)
+	path := old.d.Addr()
+	m, err := vmm.Start(vmm.Options{Socket: path, Regions: []vmm.Region{{Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	waitUntil(t, "the VM to be live", func() bool { return old.d.Live() == 1 })
+	old.d.Drain()
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Fatalf("a draining daemon's socket is still there: %v", err)
+	}
+	next := start(t, mem, func(c *daemon.Config) { c.Socket = path })
+	if err := m.Exit(); err != nil {
+		t.Fatal(err)
+	}
+	old.report()
+	<-old.d.Done()
+	m2, err := vmm.Start(vmm.Options{Socket: path, Regions: []vmm.Region{{Size: size}}})
+	if err != nil {
+		t.Fatalf("the successor's socket is gone after the old daemon stopped: %v", err)
+	}
+	defer m2.Kill()
+	if got, err := m2.TouchRange(0, 0, 1<<20, 1, seed, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("served by the successor: %+v %v", got, err)
+	}
+	m2.Exit()
+	next.report()
+}
+
+// A plain listener renamed over the path (any successor) is kept when the daemon closes; the
+// socket file a stopped daemon left behind is stale and replaced by the next New; a socket
+// someone listens on is not.
+func TestSocketSuccessorAndStale(t *testing.T) {
+	mem := snapshot(t, 4<<20)
+	f := start(t, mem, nil)
+	path := f.d.Addr()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path + ".next", Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ln.SetUnlinkOnClose(false)
+	if err := os.Rename(path+".next", path); err != nil {
+		t.Fatal(err)
+	}
+	f.d.Close()
+	<-f.d.Done()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("the successor's socket: %v", err)
+	}
+	c.Close()
+	if a, err := ln.Accept(); err != nil {
+		t.Fatal(err)
+	} else {
+		a.Close()
+	}
+	// Someone listens: New refuses.
+	if _, err := daemon.New(daemon.Config{Socket: path, MemFile: mem}); err == nil || !strings.Contains(err.Error(), "another daemon is listening") {
+		t.Fatalf("New over a live socket: %v", err)
+	}
+	// Nobody listens any more: the file is stale and New replaces it.
+	ln.Close()
+	g := start(t, mem, func(c *daemon.Config) { c.Socket = path })
+	m, err := vmm.Start(vmm.Options{Socket: path, Regions: []vmm.Region{{Size: 4 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	m.Exit()
+	if r := g.report(); r.Failure != "" {
+		t.Fatalf("report %+v", r)
+	}
+}
+
+// fleetPeer is a child that stands for VMMs: fc-fleet connects vms times, sending per
+// handshakes of size bytes on each connection, each with its own region and uffd.
+func fleetPeer(t testing.TB, socket string, vms, size, per int) (*puppet.Puppet, []int) {
+	t.Helper()
+	p, err := puppet.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Kill)
+	rep, _, err := p.Do(puppet.Request{Op: "fc-fleet", Str: socket, Ints: []int64{int64(vms), int64(size), int64(firecracker.V1_12), int64(per)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	areas := make([]int, len(rep.Ints))
+	for i, a := range rep.Ints {
+		areas[i] = int(a)
+	}
+	return p, areas
+}
+
+// Handshakes beyond MaxHandshakes on one connection are refused with the failure policy (here
+// log only: the VMM lives on), after the ones within the limit were served; the default limit
+// serves a few. Fails on main before the fix: every handshake started an engine.
+func TestMaxHandshakes(t *testing.T) {
+	const size = 1 << 20
+	mem := snapshot(t, size)
+	f := start(t, mem, func(c *daemon.Config) { c.OnFailure = daemon.LogOnly; c.MaxHandshakes = 2 })
+	p, _ := fleetPeer(t, f.d.Addr(), 1, size, 3)
+	r := f.report()
+	if want := "handshake 3 on one connection refused: the limit is 2"; !strings.Contains(r.Failure, want) || r.Regions != 2 {
+		t.Fatalf("report %+v, want %d regions served and a failure mentioning %q", r, 2, want)
+	}
+	if !strings.Contains(f.logs.String(), "cannot serve VM") {
+		t.Fatalf("the refusal is not logged:\n%s", f.logs.String())
+	}
+	if _, _, err := p.Do(puppet.Request{Op: "fds"}); err != nil {
+		t.Fatalf("log-only policy: the VMM should be alive: %v", err)
+	}
+
+	g := start(t, mem, nil)
+	p, areas := fleetPeer(t, g.d.Addr(), 1, size, 3)
+	for _, a := range areas {
+		rep, _, err := p.Do(puppet.Request{Op: "touch", Area: a, Verify: "pattern", Seed: seed})
+		if err != nil || rep.Mismatch != 0 || rep.Pages != size/4096 {
+			t.Fatalf("area %d: %+v %v", a, rep, err)
+		}
+	}
+	if _, _, err := p.Do(puppet.Request{Op: "fc-close"}); err != nil {
+		t.Fatal(err)
+	}
+	if r := g.report(); r.Regions != 3 || r.Failure != "" || r.Pages != 3*size/4096 {
+		t.Fatalf("default limit: report %+v, want 3 regions served", r)
 	}
 }

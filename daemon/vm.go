@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"time"
 
@@ -23,49 +22,56 @@ import (
 
 // vm is one connected VMM and the engines serving its userfaultfds.
 type vm struct {
-	d       *Daemon
-	id      int64
-	conn    *net.UnixConn
-	pid     int
-	uid     uint32
-	pidfd   *os.File
-	pidfdN  int // the pidfd's number: pidfd.Fd() would switch it to blocking mode
+	d    *Daemon
+	id   int64
+	conn *net.UnixConn
+	pid  int
+	uid  uint32
+	// pidfd names the VMM process itself, whatever its pid becomes (see peerPidfd); run sets
+	// it to -1, under mu, when it closes it.
+	pidfd   int
+	pidfdBy string // how the pidfd was obtained
 	started time.Time
 	log     *slog.Logger
 
-	mu       sync.Mutex
-	engines  []*engine.Engine
-	version  firecracker.Version
-	regions  int
-	failure  error
-	endCause string
-	wg       sync.WaitGroup
-	ended    chan struct{}
-	once     sync.Once
+	mu         sync.Mutex
+	engines    []*engine.Engine
+	handshakes int
+	version    firecracker.Version
+	regions    int
+	failure    error
+	endCause   string
+	wg         sync.WaitGroup
+	ended      chan struct{}
+	once       sync.Once
 }
 
-func newVM(d *Daemon, id int64, c *net.UnixConn, cred *unix.Ucred, pidfd int) *vm {
+// newVM: the pid (SO_PEERCRED's) and a pidfd from SO_PEERPIDFD both come from the struct pid
+// the socket recorded at connect, so they name the same process; the pid serves the reports.
+func newVM(d *Daemon, id int64, c *net.UnixConn, cred *unix.Ucred, pidfd int, pidfdBy string) *vm {
 	return &vm{
-		d: d, id: id, conn: c, pid: int(cred.Pid), uid: cred.Uid,
-		pidfd: os.NewFile(uintptr(pidfd), fmt.Sprintf("pidfd:%d", cred.Pid)), pidfdN: pidfd,
+		d: d, id: id, conn: c, pid: int(cred.Pid), uid: cred.Uid, pidfd: pidfd, pidfdBy: pidfdBy,
 		started: time.Now(), ended: make(chan struct{}),
 		log: d.log.With("vm", id, "pid", cred.Pid),
 	}
 }
 
-// run serves the VM until it is gone, then releases everything.
+// run serves the VM until it is gone, then releases everything. It is the VM's only goroutine
+// besides its engines': exits are watched by the daemon's exitWatcher.
 func (v *vm) run() {
-	v.log.Info("VMM connected", "uid", v.uid)
-	exited := make(chan struct{})
-	go v.watchExit(exited)
+	v.log.Info("VMM connected", "uid", v.uid, "pidfd", v.pidfdBy)
+	if err := v.d.exits.watch(v); err != nil {
+		v.fail(err)
+	}
 	hs := firecracker.NewConn(v.conn, firecracker.Limits{
 		MaxRegions: v.d.cfg.MaxRegions, FileSize: v.d.src.Size(), HostPageSize: uintptr(unix.Getpagesize()),
 	})
 	hs.Timeout = v.d.cfg.HandshakeTimeout
-	for {
+	for !v.isEnded() {
 		h, err := hs.Next()
 		if err != nil {
 			switch {
+			case v.isEnded(): // the read was cut short by end
 			case errors.Is(err, io.EOF):
 				switch {
 				case v.version == 0:
@@ -75,12 +81,17 @@ func (v *vm) run() {
 				}
 				// Before v1.12 Firecracker closes the socket after the handshake: the pidfd
 				// tells when it exits.
-			case v.isEnded():
 			case errors.Is(err, firecracker.ErrHandshake):
 				v.fail(err)
 			default:
 				v.fail(fmt.Errorf("reading handshake: %w", err))
 			}
+			break
+		}
+		if v.handshakes == v.d.cfg.MaxHandshakes {
+			unix.Close(h.UFFD)
+			v.fail(fmt.Errorf("handshake %d on one connection refused: the limit is %d (MaxHandshakes, --max-handshakes)",
+				v.handshakes+1, v.d.cfg.MaxHandshakes))
 			break
 		}
 		if err := v.serve(h); err != nil {
@@ -89,33 +100,15 @@ func (v *vm) run() {
 		}
 	}
 	// Wait for the end: the pidfd (exit), an engine that ended, a failure, or Close.
-	select {
-	case <-exited:
-		v.end("VMM exited")
-	case <-v.ended:
-	}
+	<-v.ended
+	v.d.exits.unwatch(v)
 	v.stopEngines()
 	v.wg.Wait()
 	v.conn.Close()
-	v.pidfd.Close()
-}
-
-// watchExit waits for the VMM process to exit: its pidfd becomes readable.
-func (v *vm) watchExit(exited chan<- struct{}) {
-	// Ends by readability (exit) or by the deadline end() sets; either way the VM is over.
-	if rc, err := v.pidfd.SyscallConn(); err == nil {
-		_ = rc.Read(func(fd uintptr) bool {
-			select {
-			case <-v.ended:
-				return true
-			default:
-			}
-			p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			n, _ := unix.Poll(p, 0)
-			return n > 0
-		})
-	}
-	close(exited)
+	v.mu.Lock()
+	unix.Close(v.pidfd)
+	v.pidfd = -1
+	v.mu.Unlock()
 }
 
 func (v *vm) isEnded() bool {
@@ -134,21 +127,29 @@ func (v *vm) end(cause string) {
 		v.endCause = cause
 		v.mu.Unlock()
 		close(v.ended)
-		v.conn.SetReadDeadline(time.Unix(1, 0)) // unblock the handshake reader
-		v.pidfd.SetReadDeadline(time.Unix(1, 0))
+		// Unblock the handshake reader for good: a read deadline would be reset by its next
+		// read, a shut-down read side keeps returning EOF.
+		v.conn.CloseRead()
 	})
 }
 
 // fail applies the failure policy: the VM cannot be served.
 func (v *vm) fail(err error) {
+	kill := v.d.cfg.OnFailure == Kill
+	var kerr error
 	v.mu.Lock()
 	if v.failure == nil {
 		v.failure = err
 	}
+	// Under mu, which run holds to close the pidfd: the number is never used after it may
+	// name another VM's pidfd.
+	if kill && v.pidfd >= 0 {
+		kerr = unix.PidfdSendSignal(v.pidfd, unix.SIGKILL, nil, 0)
+	}
 	v.mu.Unlock()
-	if v.d.cfg.OnFailure == Kill {
+	if kill {
 		v.log.Error("cannot serve VM: killing the VMM", "err", err)
-		if kerr := unix.PidfdSendSignal(v.pidfdN, unix.SIGKILL, nil, 0); kerr != nil && kerr != unix.ESRCH {
+		if kerr != nil && kerr != unix.ESRCH {
 			v.log.Error("SIGKILL through pidfd failed", "err", kerr)
 		}
 	} else {
@@ -182,13 +183,20 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 			}
 		}
 	}
-	e, err := engine.New(fd, regions, v.d.cfg.Engine)
+	opts := v.d.cfg.Engine
+	if opts.Logger == nil {
+		opts.Logger = v.log
+	} else {
+		opts.Logger = opts.Logger.With("vm", v.id, "pid", v.pid)
+	}
+	e, err := engine.New(fd, regions, opts)
 	if err != nil {
 		fd.Close()
 		return err
 	}
 	v.mu.Lock()
 	v.engines = append(v.engines, e)
+	v.handshakes++
 	v.version = h.Version
 	v.regions += len(h.Regions)
 	v.mu.Unlock()

@@ -53,6 +53,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	verbose := fs.Bool("v", false, "debug logging")
 	maxRegions := fs.Int("max-regions", 4096, "most regions one handshake may carry")
 	timeout := fs.Duration("handshake-timeout", 5*time.Second, "how long a started handshake may take")
+	maxHandshakes := fs.Int("max-handshakes", 8, "most handshakes one connection may send (Firecracker sends one)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -62,7 +63,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, OnFailure: daemon.Policy(*onFailure),
-		MaxRegions: *maxRegions, HandshakeTimeout: *timeout}
+		MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes}
 	var err error
 	if cfg.Engine.FaultAround, err = parseAround(*around, *maxAround); err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)

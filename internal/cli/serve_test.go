@@ -53,6 +53,20 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+func scrape(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
+}
+
 // faultline serve end to end: metrics endpoint, SIGTERM drains (no new VMs, the live one is
 // still served until it exits), then the command returns 0.
 func TestServeDrainOnSIGTERM(t *testing.T) {
@@ -81,14 +95,9 @@ func TestServeDrainOnSIGTERM(t *testing.T) {
 	if addr == nil {
 		t.Fatalf("no metrics address logged:\n%s", stderr.String())
 	}
-	resp, err := http.Get("http://" + addr[1] + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	body := scrape(t, addr[1])
 	for _, want := range []string{"faultline_vms_live 1", "faultline_faults_total", `faultline_pages_installed_total{cause="fault"}`, "faultline_fault_latency_seconds_bucket"} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(body, want) {
 			t.Fatalf("metrics lack %q:\n%s", want, body)
 		}
 	}
@@ -101,6 +110,11 @@ func TestServeDrainOnSIGTERM(t *testing.T) {
 	}
 	if got, err := m.TouchRange(0, 4<<20, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
 		t.Fatalf("live VM not served while draining: %+v %v", got, err)
+	}
+	// Still serving, and still counting the VM live: the metrics server stops when serve
+	// returns, so this scrape also proves serve has not returned.
+	if body := scrape(t, addr[1]); !strings.Contains(body, "faultline_vms_live 1") {
+		t.Fatalf("while draining, metrics say:\n%s", body)
 	}
 	select {
 	case c := <-code:
