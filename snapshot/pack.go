@@ -25,7 +25,7 @@ const DefaultChunkSize = 2 << 20
 type PackOptions struct {
 	ChunkSize int64 // image bytes per chunk, a multiple of PageSize (DefaultChunkSize when 0)
 	PageSize  int64 // the zero map's unit (4096 when 0)
-	Level     int   // zstd level, as the zstd command counts (3 when 0)
+	Level     int   // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
 	// Store, when set, is a shared chunk store: chunks go to Store/chunks, where chunks of
 	// other snapshots with the same content are reused.
 	Store string
@@ -85,7 +85,7 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 		o.PageSize = 4096
 	}
 	if o.Level == 0 {
-		o.Level = 3
+		o.Level = 1
 	}
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
