@@ -24,7 +24,7 @@ func init() {
 }
 
 func runPack(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--level N]\n\n"+
+	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--page-size 4K] [--level N]\n\n"+
 		"Pack cuts the memory file into chunks, drops the zero pages, compresses each chunk with zstd\n"+
 		"on every core and names it by its SHA-256. With --base, M is a Firecracker diff memory file\n"+
 		"(its holes are the base's pages) and unchanged chunks are the base's. DIR holds its chunks\n"+
@@ -34,6 +34,7 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 	base := fs.String("base", "", "a snapshot the memory file is a diff over")
 	store := fs.String("store", "", "a chunk store shared by several snapshots")
 	chunk := fs.String("chunk-size", "2M", "image bytes per chunk (K, M suffixes), a multiple of the page size")
+	page := fs.String("page-size", "4K", "the zero map's unit: the guest's page size (2M for a hugetlb guest)")
 	level := fs.Int("level", 1, "zstd level: 1 fastest (the default: 2% bigger than 3 and 1.5x faster), 3, 7, 11 smallest")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
@@ -53,6 +54,16 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		o.ChunkSize = n
+	}
+	pageSet := false
+	fs.Visit(func(f *flag.Flag) { pageSet = pageSet || f.Name == "page-size" })
+	if *base == "" || pageSet {
+		ps, err := parseBytes(*page)
+		if err != nil {
+			fmt.Fprintln(stderr, "faultline pack: --page-size:", err)
+			return 2
+		}
+		o.PageSize = ps
 	}
 	var bar *progressbar.ProgressBar
 	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {

@@ -109,3 +109,58 @@ func TestPackUsage(t *testing.T) {
 		t.Errorf("bad --chunk-size: exit %d, %q", code, errs)
 	}
 }
+
+func TestPackDiffAndStore(t *testing.T) {
+	tmp := t.TempDir()
+	var img bytes.Buffer
+	if err := snapshot.SampleImage(&img, 8<<20, 4); err != nil {
+		t.Fatal(err)
+	}
+	mem := filepath.Join(tmp, "mem")
+	if err := os.WriteFile(mem, img.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	base := filepath.Join(tmp, "base")
+	if code, _, errs := run("pack", "--mem-file", mem, "--out", base); code != 0 {
+		t.Fatalf("pack base: %d %s", code, errs)
+	}
+	// A diff file with one dirty page, in chunk 0.
+	diff := filepath.Join(tmp, "diff")
+	f, err := os.Create(diff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(8 << 20)
+	page := bytes.Repeat([]byte{0xab}, 4096)
+	f.WriteAt(page, 8192)
+	f.Close()
+	want := bytes.Clone(img.Bytes())
+	copy(want[8192:], page)
+	out := filepath.Join(tmp, "diffsnap")
+	code, o, errs := run("pack", "--mem-file", diff, "--base", base, "--out", out)
+	if code != 0 || !strings.Contains(o, "4 chunks (") || !strings.Contains(o, ", 3 reused)") {
+		t.Fatalf("pack --base: exit %d\n%s%s", code, o, errs)
+	}
+	code, o, _ = run("snapshot", "inspect", out)
+	if code != 0 || !regexp.MustCompile(`(?m)^base +\S+: \d+ of \d+ chunk files shared$`).MatchString(o) {
+		t.Errorf("inspect of a diff:\n%s", o)
+	}
+	back := filepath.Join(tmp, "back")
+	if code, _, errs := run("snapshot", "unpack", out, "--out", back); code != 0 {
+		t.Fatal(errs)
+	}
+	if got, _ := os.ReadFile(back); !bytes.Equal(got, want) {
+		t.Error("diff over base unpacks wrong")
+	}
+
+	store := filepath.Join(tmp, "store")
+	for _, d := range []string{"a", "b"} {
+		if code, _, errs := run("pack", "--mem-file", mem, "--out", filepath.Join(tmp, d), "--store", store); code != 0 {
+			t.Fatal(errs)
+		}
+	}
+	code, o, _ = run("snapshot", "inspect", filepath.Join(tmp, "b"))
+	if code != 0 || !regexp.MustCompile(`(?m)^store +\S+: (\d+) of (\d+) chunk files shared with 1 other snapshots$`).MatchString(o) {
+		t.Errorf("inspect in a store:\n%s", o)
+	}
+}
