@@ -400,7 +400,7 @@ func (w *packer) writeChunk(name string, data []byte) error {
 	if err != nil {
 		return err
 	}
-	return commitTempNoDirSync(f, filepath.Join(w.chunkDir, name), data)
+	return commitTemp(f, filepath.Join(w.chunkDir, name), data, 0o444, false)
 }
 
 // linkFromBase makes the base's chunk file part of this snapshot's chunk directory (a hard link,

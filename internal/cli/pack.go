@@ -45,25 +45,23 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	o := snapshot.PackOptions{Store: *store, Base: *base, Level: *level}
-	chunkSet := false
-	fs.Visit(func(f *flag.Flag) { chunkSet = chunkSet || f.Name == "chunk-size" })
-	if *base == "" || chunkSet {
-		n, err := parseBytes(*chunk)
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	// A diff keeps its base's sizes unless told otherwise (and then they must match).
+	for _, sf := range []struct {
+		name string
+		val  string
+		to   *int64
+	}{{"chunk-size", *chunk, &o.ChunkSize}, {"page-size", *page, &o.PageSize}} {
+		if *base != "" && !set[sf.name] {
+			continue
+		}
+		n, err := parseBytes(sf.val)
 		if err != nil {
-			fmt.Fprintln(stderr, "faultline pack: --chunk-size:", err)
+			fmt.Fprintf(stderr, "faultline pack: --%s: %v\n", sf.name, err)
 			return 2
 		}
-		o.ChunkSize = n
-	}
-	pageSet := false
-	fs.Visit(func(f *flag.Flag) { pageSet = pageSet || f.Name == "page-size" })
-	if *base == "" || pageSet {
-		ps, err := parseBytes(*page)
-		if err != nil {
-			fmt.Fprintln(stderr, "faultline pack: --page-size:", err)
-			return 2
-		}
-		o.PageSize = ps
+		*sf.to = n
 	}
 	var bar *progressbar.ProgressBar
 	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
