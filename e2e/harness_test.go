@@ -35,7 +35,7 @@ const (
 	memtestMiB   = 16
 	balloonMiB   = 16
 	bootArgs     = "console=ttyS0 reboot=k panic=1 pci=off nomodules 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd clearcpuid=cx16,popcnt,smap,fsgsbase noxsave quiet"
-	bootTimeout  = 5 * time.Minute // InstanceStart to the first VERIFY-OK, on a busy 2-CPU machine
+	bootTimeout  = 7 * time.Minute // InstanceStart to the first VERIFY-OK, on a busy 2-CPU machine
 	apiTimeout   = 60 * time.Second
 	guestTimeout = 90 * time.Second // a restored guest's next VERIFY-OK
 )
@@ -531,6 +531,31 @@ func (d *daemon) fds(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(es)
+}
+
+// fdKinds counts the daemon's file descriptors by what they are: "socket", "pipe",
+// "anon_inode:[userfaultfd]", "anon_inode:[pidfd]", "file", ...
+func (d *daemon) fdKinds(t *testing.T) map[string]int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", d.pid())
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]int{}
+	for _, e := range es {
+		l, err := os.Readlink(filepath.Join(dir, e.Name()))
+		switch {
+		case err != nil:
+			continue // closed meanwhile
+		case strings.HasPrefix(l, "/"):
+			l = "file"
+		case !strings.HasPrefix(l, "anon_inode:"):
+			l, _, _ = strings.Cut(l, ":[") // socket:[123], pipe:[45]
+		}
+		m[l]++
+	}
+	return m
 }
 
 func waitUntil(timeout time.Duration, cond func() bool) error {
