@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -168,8 +167,8 @@ func testTruncated(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), apiTimeout)
 	defer cancel()
-	// Firecracker may be killed before the resume returns: its device threads touch guest
-	// memory too (the balloon's statistics), so the resume can fail with the connection.
+	// The first fault after the truncation can come before Firecracker answers the resume
+	// (seen: the answer is lost, Firecracker killed while it resumes), so its error is logged.
 	if err := f.api.Resume(ctx); err != nil {
 		t.Logf("PATCH /vm Resumed: %v", err)
 	}
@@ -365,8 +364,6 @@ func testHandshakeAsSent(t *testing.T) {
 	f.kill()
 	if err := <-loaded; err == nil {
 		t.Errorf("the load returned success without its memory served")
-	} else if !errors.Is(err, io.EOF) {
-		t.Logf("the load, Firecracker killed: %v", err)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -229,12 +230,6 @@ func (c *console) waitVerify(from, n int, timeout time.Duration) (int, error) {
 	return from, nil
 }
 
-func (c *console) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.lines)
-}
-
 func (c *console) matching(re *regexp.Regexp) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -289,7 +284,15 @@ func startFirecracker(t *testing.T, dir, name string) (*fcProc, error) {
 	}()
 	t.Cleanup(f.kill)
 	f.api = fcapi.New(sock, apiTimeout)
-	if err := waitUntil(10*time.Second, func() bool { _, err := os.Stat(sock); return err == nil || f.exited() }); err != nil || f.exited() {
+	// The socket file appears at bind, before listen: wait until it accepts a connection.
+	listening := func() bool {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil || f.exited()
+	}
+	if err := waitUntil(10*time.Second, listening); err != nil || f.exited() {
 		return nil, fmt.Errorf("firecracker %s: no API socket: %v\n%s", name, err, f.tail())
 	}
 	return f, nil
