@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -172,6 +171,7 @@ var (
 	reVerifyOK = regexp.MustCompile(`VERIFY-OK pass=(\d+)`)
 	reBad      = regexp.MustCompile(`VERIFY-BAD`)
 	reGuest    = regexp.MustCompile(`FCBOOT-OK|FILL-DONE|VERIFY-`)
+	reRecord   = regexp.MustCompile(`^\{`)
 )
 
 // console collects a Firecracker process's stdout (the guest's serial console) and stderr.
@@ -228,6 +228,13 @@ func (c *console) waitVerify(from, n int, timeout time.Duration) (int, error) {
 		from = i + 1
 	}
 	return from, nil
+}
+
+// String is everything written so far.
+func (c *console) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return strings.Join(c.lines, "\n") + "\n" + string(c.buf)
 }
 
 func (c *console) matching(re *regexp.Regexp) []string {
@@ -394,26 +401,9 @@ func logConsole(t *testing.T, f *fcProc, n int) {
 type daemon struct {
 	dir, socket string
 	cmd         *exec.Cmd
-	log         *lockedBuffer
+	log         *console // its stderr: JSON log records
 	metricsAddr string
 	done        chan struct{}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startDaemon runs `faultline serve --socket DIR/uffd.sock --mem-file MEM --metrics-addr
@@ -424,7 +414,7 @@ func startDaemon(t *testing.T, mem string) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{dir: dir, socket: filepath.Join(dir, "uffd.sock"), log: &lockedBuffer{}, done: make(chan struct{})}
+	d := &daemon{dir: dir, socket: filepath.Join(dir, "uffd.sock"), log: &console{}, done: make(chan struct{})}
 	d.cmd = exec.Command(env.faultline, "serve", "--socket", d.socket, "--mem-file", mem,
 		"--metrics-addr", "127.0.0.1:0", "--log-format", "json")
 	d.cmd.Stdout = d.log
@@ -458,10 +448,9 @@ func (d *daemon) pid() int { return d.cmd.Process.Pid }
 // records are the daemon's JSON log records with this msg.
 func (d *daemon) records(msg string) []map[string]any {
 	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(d.log.String()))
-	for sc.Scan() {
+	for _, l := range d.log.matching(reRecord) {
 		var r map[string]any
-		if json.Unmarshal(sc.Bytes(), &r) == nil && r["msg"] == msg {
+		if json.Unmarshal([]byte(l), &r) == nil && r["msg"] == msg {
 			out = append(out, r)
 		}
 	}
