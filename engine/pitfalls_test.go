@@ -114,7 +114,21 @@ func TestPitfallUnregisterDuringFetch(t *testing.T) {
 func TestPitfallEventsPendingRetries(t *testing.T) {
 	v := newVM(t, memory.Anon, 2<<20, uffd.FeatureEventRemove, uffd.ModeMissing)
 	e, stop := serve(t, v, []engine.Region{v.region(patternSource(t, v.size, 13))}, engine.Options{Workers: 2, FaultAround: engine.FaultAround{Max: 4}})
-	rep, _, err := v.start(puppet.Request{Op: "pit-remove-storm", Seed: 13, Ints: []int64{3, 2, 3000}}).Wait(60 * time.Second)
+	call := v.start(puppet.Request{Op: "pit-remove-storm", Seed: 13, Ints: []int64{3, 2, 3000}})
+	var rep puppet.Reply
+	var err error
+	replied := make(chan struct{})
+	go func() {
+		rep, _, err = call.Wait(60 * time.Second)
+		close(replied)
+	}()
+	select {
+	case <-replied:
+	case <-e.Done():
+		// The engine gave up mid-storm: the reading thread now sleeps on a fault nobody serves,
+		// so say why at once instead of waiting for the reply that cannot come.
+		t.Fatalf("the engine stopped during the storm: %v (%s)", stop(), statsLine(e.Stats()[0]))
+	}
 	if err != nil {
 		t.Fatalf("storm: %v", err)
 	}
