@@ -152,8 +152,9 @@ func waitPending(t testing.TB, fd *uffd.FD, n uint64) {
 }
 
 // waitEventBlocked waits until the child thread that published its id under key (eng-mm) waits
-// for the handler to read the event it raised (kernel-abi.md §3.5): its kernel stack shows the
-// wait, or — where the stack cannot be read — it sleeps uninterruptibly.
+// for the handler to read the event it raised (a non-cooperative event blocks the thread that
+// raised it until the handler reads it): its kernel stack shows the wait, or — where the stack
+// cannot be read — it sleeps uninterruptibly.
 func waitEventBlocked(t testing.TB, v *vm, key int64) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

@@ -2,8 +2,12 @@
 
 package engine_test
 
-// The kernel pitfalls of /work/shared/research/kernel-pitfalls-6.18.md, each shown handled by
-// the engine against the real kernel. The empty-hugetlb-pool test changes the system's pool; it
+// Kernel behaviours (seen on Linux 6.18) that break a handler following the documentation
+// literally, each shown handled by the engine against the real kernel: (1) UFFDIO_UNREGISTER
+// does not wake every fault of the range (not WP waiters; not a fault queued while it runs), so
+// the handler must wake what it cannot resolve; (2) resolving ioctls fail with EAGAIN while an
+// event is in flight, and for a while after it was read; (3) on hugetlb mapped MAP_NORESERVE
+// with an empty pool, UFFDIO_COPY fails with EEXIST although nothing is mapped. The empty-hugetlb-pool test changes the system's pool; it
 // is the last test of this file and restores the pool at once.
 
 import (
