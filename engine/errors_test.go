@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/source"
@@ -109,29 +110,11 @@ func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
 func (h *countingHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
 func (h *countingHandler) WithGroup(string) slog.Handler      { return h }
 
-// openFDs maps this process's open fds to what they point to (readlink of /proc/self/fd/N).
-// Compare sets, not counts: an fd of an earlier test (a puppet's control socket) may close
-// meanwhile and hide a leaked one from a count.
-func openFDs(t testing.TB) map[string]string {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, e := range ents {
-		if link, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
-			m[e.Name()] = link // the fd ReadDir itself used is gone by now
-		}
-	}
-	return m
-}
-
 // newFDs lists the fds open now that were not open in before, or point elsewhere now.
 func newFDs(t testing.TB, before map[string]string) []string {
 	t.Helper()
 	var out []string
-	for fd, link := range openFDs(t) {
+	for fd, link := range kerneltest.OpenFDs(t) {
 		if before[fd] != link {
 			out = append(out, fd+" -> "+link)
 		}
@@ -367,7 +350,7 @@ func TestFailingSource(t *testing.T) {
 func TestProcessGone(t *testing.T) {
 	g0 := runtime.NumGoroutine()
 	initNetpoller(t)
-	fd0 := openFDs(t)
+	fd0 := kerneltest.OpenFDs(t)
 
 	func() {
 		v := newVM(t, memory.Anon, 32<<20, 0, uffd.ModeMissing)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/uffd"
@@ -44,7 +45,7 @@ func newEngine(t testing.TB, v *vm, opts engine.Options) (*engine.Engine, int) {
 func TestCloseParkedWorkers(t *testing.T) {
 	v := newVM(t, memory.Anon, 4<<20, 0, uffd.ModeMissing)
 	initNetpoller(t)
-	fds := openFDs(t)
+	fds := kerneltest.OpenFDs(t)
 	g0 := runtime.NumGoroutine()
 	e, fd := newEngine(t, v, engine.Options{Workers: 4, Fetchers: 2})
 	errc := runEngine(context.Background(), e)
