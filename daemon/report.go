@@ -21,7 +21,9 @@ type Report struct {
 	Faults, Pages, ZeroPages, Bytes, Retries, Errors uint64
 	// FirstFault is from the connection to the first page installed (0 if none).
 	FirstFault time.Duration
-	P50, P99   time.Duration
+	// P50 and P99 are estimates: interpolated within the power-of-two buckets of the latency
+	// histogram (engine.Histogram.Quantile).
+	P50, P99 time.Duration
 }
 
 func (r Report) logAttrs() []any {
@@ -134,7 +136,7 @@ func (v *vm) report() Report {
 type Summary struct {
 	Live, VMs                                int
 	Faults, Pages, ZeroPages, Removed, Bytes uint64
-	P50, P99                                 time.Duration
+	P50, P99                                 time.Duration // estimates, as in Report
 }
 
 // Summary returns the running totals (live VMs read now).

@@ -190,7 +190,8 @@ func demo(out io.Writer, size, threads int, huge bool, version firecracker.Versi
 		{"pages installed", fmt.Sprintf("%d (%s)", r.Pages, mib(r.Bytes))},
 		{"zero pages (after the balloon)", fmt.Sprint(r.ZeroPages)},
 		{"time to first fault served", r.FirstFault.Round(time.Microsecond).String()},
-		{"fault latency p50 / p99", fmt.Sprintf("%v / %v", r.P50, r.P99)},
+		// Estimates, interpolated within the latency histogram's power-of-two buckets.
+		{"fault latency p50 / p99 (est.)", fmt.Sprintf("%v / %v", r.P50.Round(100*time.Nanosecond), r.P99.Round(100*time.Nanosecond))},
 		{"EAGAIN retries (events pending)", fmt.Sprint(r.Retries)},
 	}
 	for _, row := range rows {
