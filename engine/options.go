@@ -31,6 +31,10 @@ type Options struct {
 	PollThread bool
 	// Logger receives events worth an operator's attention (default: slog.Default()).
 	Logger *slog.Logger
+	// Record makes the engine record the order in which faults first touch the pages of its
+	// source image, for a working set to prefetch next time (see Recorded). A forked child's
+	// engine does not record.
+	Record bool
 	// OnFork is called with the engine that serves a forked child's userfaultfd (FORK event),
 	// after it started, from the reader's goroutine (no lock held). The child engine runs until
 	// its process is gone or the parent is closed; the parent's Run waits for it.

@@ -17,11 +17,12 @@ type Stats struct {
 	Minor      uint64 // MINOR faults (resolved with CONTINUE)
 	Duplicates uint64 // faults on pages already installed (each faulting thread reports its own)
 
-	PagesFault   uint64 // source pages installed for the faulting page itself
-	PagesAround  uint64 // source pages installed ahead of faults (fault-around)
-	PagesZero    uint64 // zero pages installed (removed ranges, known-zero source runs), faulting or ahead
-	PagesRemoved uint64 // pages dropped by REMOVE events
-	Bytes        uint64 // bytes copied from the source
+	PagesFault      uint64 // source pages installed for the faulting page itself
+	PagesAround     uint64 // source pages installed ahead of faults (fault-around)
+	PagesZero       uint64 // zero pages installed (removed ranges, known-zero source runs), faulting or ahead
+	PagesPrefetched uint64 // pages installed by Prefetch (source data or zero), before any fault
+	PagesRemoved    uint64 // pages dropped by REMOVE events
+	Bytes           uint64 // bytes copied from the source
 
 	Retries uint64 // ioctls retried because events were pending (EAGAIN)
 	Errors  uint64 // faults that failed (source errors, unexpected errnos)
@@ -32,12 +33,14 @@ type Stats struct {
 	FirstInstall time.Time
 }
 
-// Pages is the number of pages installed: PagesFault, PagesAround and PagesZero partition it.
-func (s Stats) Pages() uint64 { return s.PagesFault + s.PagesAround + s.PagesZero }
+// Pages is the number of pages installed: PagesFault, PagesAround, PagesZero and PagesPrefetched
+// partition it.
+func (s Stats) Pages() uint64 { return s.PagesFault + s.PagesAround + s.PagesZero + s.PagesPrefetched }
 
 type counters struct {
 	faults, missing, wp, minor, duplicates           atomic.Uint64
 	pagesFault, pagesAround, pagesZero, pagesRemoved atomic.Uint64
+	pagesPrefetched                                  atomic.Uint64
 	bytes, retries, errors                           atomic.Uint64
 	latency                                          histogram
 	first                                            atomic.Int64 // unix ns of the first install
@@ -56,7 +59,7 @@ func (c *counters) snapshot(name string) Stats {
 		Region: name, Faults: c.faults.Load(), Missing: c.missing.Load(), WP: c.wp.Load(),
 		Minor: c.minor.Load(), Duplicates: c.duplicates.Load(), PagesFault: c.pagesFault.Load(),
 		PagesAround: c.pagesAround.Load(), PagesZero: c.pagesZero.Load(),
-		PagesRemoved: c.pagesRemoved.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
+		PagesRemoved: c.pagesRemoved.Load(), PagesPrefetched: c.pagesPrefetched.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
 		Errors: c.errors.Load(), Latency: c.latency.snapshot(),
 	}
 	if f := c.first.Load(); f != 0 {
