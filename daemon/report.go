@@ -8,24 +8,6 @@ import (
 	"github.com/faultline-go/faultline/engine"
 )
 
-// Report is what the daemon logs when a VM goes.
-type Report struct {
-	VM       int64
-	Pid      int
-	Version  string
-	Regions  int
-	Cause    string
-	Failure  string // why it could not be served, if so
-	Duration time.Duration
-
-	Faults, Pages, ZeroPages, Bytes, Retries, Errors uint64
-	// FirstFault is from the connection to the first page installed (0 if none).
-	FirstFault time.Duration
-	// P50 and P99 are estimates: interpolated within the power-of-two buckets of the latency
-	// histogram (engine.Histogram.Quantile).
-	P50, P99 time.Duration
-}
-
 func (r Report) logAttrs() []any {
 	a := []any{"vm", r.VM, "pid", r.Pid, "cause", r.Cause, "version", r.Version, "regions", r.Regions,
 		"duration", r.Duration.Round(time.Millisecond), "faults", r.Faults, "pages", r.Pages,
@@ -130,13 +112,6 @@ func (v *vm) report() Report {
 		r.FirstFault = first.Sub(v.started)
 	}
 	return r
-}
-
-// Summary is the daemon's running totals over every VM served since start.
-type Summary struct {
-	Live, VMs                                int
-	Faults, Pages, ZeroPages, Removed, Bytes uint64
-	P50, P99                                 time.Duration // estimates, as in Report
 }
 
 // Summary returns the running totals (live VMs read now).

@@ -300,3 +300,19 @@ func (e *Engine) Installed() map[string]int {
 	}
 	return m
 }
+
+// Recorded returns the pages of the source image (offset / page size) that faults touched while
+// Options.Record was on, in the order of their first touch; nil if the engine does not record.
+func (e *Engine) Recorded() []uint64 {
+	if e.rec == nil {
+		return nil
+	}
+	return e.rec.order()
+}
+
+// StopRecording ends the recording (a --record-window elapsed); Recorded keeps what it has.
+func (e *Engine) StopRecording() {
+	if e.rec != nil {
+		e.rec.on.Store(false)
+	}
+}

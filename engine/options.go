@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"log/slog"
+	"time"
 
 	"github.com/faultline-go/faultline/uffd"
 )
@@ -48,3 +49,18 @@ var ErrProcessGone = uffd.ErrProcessGone
 // ErrRunOnce is returned by Run when the engine runs or ran already: an engine serves one
 // userfaultfd once.
 var ErrRunOnce = errors.New("engine: Run called twice")
+
+// PageRun is a run of contiguous pages of the source image, for Prefetch: Data holds their
+// bytes, or is nil when they are all zero.
+type PageRun struct {
+	Off  int64  // offset in the source image, page-aligned
+	Len  int64  // bytes, a multiple of the page size
+	Data []byte // Len bytes, or nil for zero pages
+}
+
+// PrefetchStats says what a Prefetch did.
+type PrefetchStats struct {
+	Pages    uint64        // pages installed by the prefetch
+	Skipped  uint64        // pages already installed, removed or being fetched: left alone
+	Duration time.Duration // from the start of Prefetch until it returned
+}
