@@ -11,8 +11,9 @@ import (
 // Options tune an Engine. The zero value serves one page per fault from one goroutine.
 type Options struct {
 	// Workers is the number of goroutines resolving faults (default 1). One of them, Run's own,
-	// is the only reader of the userfaultfd; the others start when a batch first brings more
-	// than one fault, and take faults from the reader. More than the number of CPUs rarely helps.
+	// is the only reader of the userfaultfd; the others start when a batch first brings many
+	// faults at once (16), and take faults from the reader. More than the number of CPUs rarely
+	// helps.
 	Workers int
 	// FaultAround sets how many pages a fault installs (default 1, fixed).
 	FaultAround FaultAround

@@ -35,7 +35,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	pattern := fs.String("pattern", "", "touch order: seq or rand (default: the suite)")
 	threads := fs.Int("threads", 0, "touching threads (default: the suite)")
 	around := fs.String("fault-around", "", "pages per fault, or 'adaptive' (default: the suite)")
-	maxAround := fs.Int("max-around", 256, "adaptive fault-around ceiling in pages")
+	maxAround := fs.Int("max-around", 512, "adaptive fault-around ceiling in pages (512 x 4 KiB = the engine's 2 MiB window cap, bulk's chunk)")
 	src := fs.String("source", "file", "source: file (a snapshot in the page cache) or mem")
 	handlers := fs.String("handler", "c,go", "handlers to compare: go, c, bulk")
 	workers := fs.Int("workers", 1, "engine workers")
