@@ -187,7 +187,7 @@ func demo(out io.Writer, size, threads int, huge bool, version firecracker.Versi
 	fmt.Fprintf(out, "\nserved by faultline:\n")
 	rows := [][2]string{
 		{"page faults", fmt.Sprint(r.Faults)},
-		{"pages installed", fmt.Sprintf("%d (%s)", r.Pages, mib(r.Bytes))},
+		{"pages installed", fmt.Sprintf("%d (%s copied from the snapshot)", r.Pages, mib(r.Bytes))},
 		{"zero pages (after the balloon)", fmt.Sprint(r.ZeroPages)},
 		{"time to first fault served", r.FirstFault.Round(time.Microsecond).String()},
 		// Estimates, interpolated within the latency histogram's power-of-two buckets.
