@@ -3,6 +3,7 @@ module github.com/faultline-go/faultline
 go 1.26.0
 
 require (
+	github.com/klauspost/compress v1.20.4
 	github.com/prometheus/client_golang v1.25.0
 	golang.org/x/sys v0.50.0
 )

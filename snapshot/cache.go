@@ -1,0 +1,182 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// cache holds decompressed chunks, at most limit bytes of them not in use, evicting the least
+// recently used. A chunk missing from it is loaded by the first reader that wants it; readers
+// that come while it loads wait for that one load (single flight).
+type cache struct {
+	mu        sync.Mutex
+	limit     int64
+	chunkSize int64
+	used      int64 // bytes of loaded entries in the map
+	m         map[int]*centry
+	lru       centry   // sentinel of the list of loaded entries, most recent first
+	free      [][]byte // buffers of evicted entries, for the next load
+	closed    bool
+
+	loads, hits, evictions int64
+}
+
+type centry struct {
+	idx        int
+	buf        []byte
+	err        error
+	done       chan struct{} // closed when the load ends
+	refs       int           // readers holding buf
+	evicted    bool          // out of the map; buf goes to free when refs drops to 0
+	prev, next *centry
+}
+
+// maxFree bounds the spare buffers kept: enough for the loads of both cores in flight.
+const maxFree = 4
+
+var errClosed = errors.New("snapshot: closed")
+
+func (c *cache) init(limit, chunkSize int64) {
+	c.limit, c.chunkSize = limit, chunkSize
+	c.m = make(map[int]*centry)
+	c.lru.prev, c.lru.next = &c.lru, &c.lru
+}
+
+// get returns chunk idx loaded, held for the caller until release.
+func (c *cache) get(ctx context.Context, s *Snapshot, idx int) (*centry, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, errClosed
+	}
+	if e := c.m[idx]; e != nil {
+		e.refs++
+		c.hits++
+		if e.prev != nil {
+			c.unlink(e)
+			c.pushFront(e)
+		}
+		c.mu.Unlock()
+		select {
+		case <-e.done:
+		case <-ctx.Done():
+			c.release(e)
+			return nil, fmt.Errorf("%w: waiting for chunk %d: %w", ErrTransient, idx, ctx.Err())
+		}
+		if e.err != nil {
+			c.release(e)
+			return nil, e.err
+		}
+		return e, nil
+	}
+	e := &centry{idx: idx, done: make(chan struct{}), refs: 1}
+	c.m[idx] = e
+	c.loads++
+	var buf []byte
+	if n := len(c.free); n > 0 {
+		buf, c.free = c.free[n-1], c.free[:n-1]
+	}
+	c.mu.Unlock()
+
+	if buf == nil {
+		buf = make([]byte, c.chunkSize)
+	}
+	buf = buf[:s.m.chunkLen(idx)]
+	// The load does not stop for the first reader's ctx: others may be waiting for it, and it
+	// is a bounded local read.
+	err := s.ReadChunk(context.WithoutCancel(ctx), idx, buf)
+
+	c.mu.Lock()
+	if err != nil {
+		e.err = err
+		delete(c.m, idx)
+		e.evicted = true
+		c.recycle(buf)
+	} else if c.closed {
+		e.buf, e.evicted = buf, true // Close came during the load: the reader gets it, nobody after
+	} else {
+		e.buf = buf
+		c.used += int64(len(buf))
+		c.pushFront(e)
+		c.evict()
+	}
+	close(e.done)
+	c.mu.Unlock()
+	if err != nil {
+		c.release(e)
+		return nil, err
+	}
+	return e, nil
+}
+
+// release ends a reader's hold on e.
+func (c *cache) release(e *centry) {
+	c.mu.Lock()
+	e.refs--
+	if e.refs == 0 {
+		if e.evicted && e.buf != nil {
+			c.recycle(e.buf)
+			e.buf = nil
+		}
+		c.evict()
+	}
+	c.mu.Unlock()
+}
+
+// evict drops least recently used entries nobody holds until used is within the limit.
+func (c *cache) evict() {
+	for e := c.lru.prev; e != &c.lru && c.used > c.limit; {
+		prev := e.prev
+		if e.refs == 0 {
+			c.unlink(e)
+			delete(c.m, e.idx)
+			c.used -= int64(len(e.buf))
+			c.evictions++
+			e.evicted = true
+			c.recycle(e.buf)
+			e.buf = nil
+		}
+		e = prev
+	}
+}
+
+func (c *cache) recycle(b []byte) {
+	if len(c.free) < maxFree && !c.closed && int64(cap(b)) == c.chunkSize {
+		c.free = append(c.free, b[:cap(b)])
+	}
+}
+
+func (c *cache) pushFront(e *centry) {
+	e.prev, e.next = &c.lru, c.lru.next
+	c.lru.next.prev = e
+	c.lru.next = e
+}
+
+func (c *cache) unlink(e *centry) {
+	e.prev.next, e.next.prev = e.next, e.prev
+	e.prev, e.next = nil, nil
+}
+
+// drop empties the cache for Close. Readers holding entries keep their buffers.
+func (c *cache) drop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	for e := c.lru.next; e != &c.lru; {
+		next := e.next
+		c.unlink(e)
+		delete(c.m, e.idx)
+		e.evicted = true
+		e = next
+	}
+	c.used = 0
+	c.free = nil
+}
+
+func (c *cache) stats() CacheStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return CacheStats{Loads: c.loads, Hits: c.hits, Evictions: c.evictions, Bytes: c.used}
+}

@@ -1,0 +1,97 @@
+package snapshot
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// tmpPrefix starts the name of every file this package writes before renaming it into place.
+// A file with this prefix is left only by a writer that died; it is never part of a snapshot.
+const tmpPrefix = ".tmp-"
+
+func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
+
+// createTemp creates a new file in dir whose name starts with tmpPrefix.
+func createTemp(dir, name string) (*os.File, error) {
+	var r [6]byte
+	rand.Read(r[:])
+	return os.OpenFile(filepath.Join(dir, tmpPrefix+name+"-"+hex.EncodeToString(r[:])),
+		os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+}
+
+// writeFileAtomic writes data to dir/name so that the name holds either its old contents or
+// all of data, never part of it, also across a crash: temp file, fsync, rename, fsync of dir.
+func writeFileAtomic(dir, name string, data []byte, perm os.FileMode) error {
+	f, err := createTemp(dir, name)
+	if err != nil {
+		return err
+	}
+	return commitTemp(f, filepath.Join(dir, name), data, perm, true)
+}
+
+// commitTemp writes data to the temp file f, makes it durable when sync is set, and renames it to
+// path. On error the temp file is removed.
+func commitTemp(f *os.File, path string, data []byte, perm os.FileMode, sync bool) error {
+	tmp := f.Name()
+	_, err := f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil && sync {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if sync {
+		return syncDir(filepath.Dir(path))
+	}
+	return nil
+}
+
+// syncDir makes the directory entries of dir (renames into it) durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// commitTempNoDirSync is commitTemp with the file synced but not its directory, for many files
+// into one directory that the caller syncs once.
+func commitTempNoDirSync(f *os.File, path string, data []byte) error {
+	tmp := f.Name()
+	_, err := f.Write(data)
+	if err == nil {
+		err = f.Chmod(0o444)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}

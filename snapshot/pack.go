@@ -1,0 +1,423 @@
+package snapshot
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// DefaultChunkSize is the chunk size Pack uses when PackOptions leaves it 0. BENCHMARKS.md
+// ("Pack") and FORMAT.md say why 2 MiB.
+const DefaultChunkSize = 2 << 20
+
+// PackOptions tune Pack.
+type PackOptions struct {
+	ChunkSize int64 // image bytes per chunk, a multiple of PageSize (DefaultChunkSize when 0)
+	PageSize  int64 // the zero map's unit (4096 when 0)
+	Level     int   // zstd level, as the zstd command counts (3 when 0)
+	// Store, when set, is a shared chunk store: chunks go to Store/chunks, where chunks of
+	// other snapshots with the same content are reused.
+	Store string
+	// Base, when set, is the snapshot the memory file is a diff over: only its data ranges
+	// (SEEK_DATA) are new; holes are the base's bytes.
+	Base    string
+	Workers int // compression goroutines (GOMAXPROCS when 0)
+	// Progress, when set, is called from one goroutine with the image bytes done so far.
+	Progress func(done, total int64)
+
+	// beforeManifest, when set, is called after every chunk is durable and before the
+	// manifest is written; an error stops the pack there (tests simulate a crash with it).
+	beforeManifest func() error
+}
+
+// PackStats reports what Pack did.
+type PackStats struct {
+	Size       int64 // image bytes
+	Stored     int64 // bytes of the distinct chunk files the snapshot refers to
+	Chunks     int
+	ZeroChunks int   // chunks with no file (all zero)
+	Reused     int   // chunks whose file was already there (store, base, or twice in the image)
+	ZeroPages  int64 // of Pages
+	Pages      int64
+	Elapsed    time.Duration
+}
+
+// Ratio is the image size over the stored size.
+func (s PackStats) Ratio() float64 {
+	if s.Stored == 0 {
+		return 0
+	}
+	return float64(s.Size) / float64(s.Stored)
+}
+
+type packJob struct {
+	idx  int
+	buf  []byte // the chunk's image bytes; nil when the chunk is the base's as is
+	base ChunkEntry
+}
+
+type packResult struct {
+	idx    int
+	entry  ChunkEntry
+	zero   []bool // per page of the chunk
+	reused bool
+	n      int64 // image bytes
+	err    error
+}
+
+// Pack writes a snapshot of the raw memory file memFile into the directory out, which must not
+// hold a snapshot yet. The manifest is written last, atomically, after every chunk is durable:
+// until then out is not a snapshot.
+func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, error) {
+	start := time.Now()
+	if o.PageSize == 0 {
+		o.PageSize = 4096
+	}
+	if o.Level == 0 {
+		o.Level = 3
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	var base *Snapshot
+	if o.Base != "" {
+		var err error
+		if base, err = Open(o.Base); err != nil {
+			return nil, fmt.Errorf("base: %w", err)
+		}
+		defer base.Close()
+		bm := base.Manifest()
+		if o.ChunkSize != 0 && o.ChunkSize != bm.ChunkSize || o.PageSize != bm.PageSize {
+			return nil, fmt.Errorf("pack: a diff keeps its base's chunk size %d and page size %d", bm.ChunkSize, bm.PageSize)
+		}
+		o.ChunkSize = bm.ChunkSize
+	}
+	if o.ChunkSize == 0 {
+		o.ChunkSize = DefaultChunkSize
+	}
+	if o.PageSize < 512 || o.PageSize&(o.PageSize-1) != 0 || o.ChunkSize <= 0 || o.ChunkSize%o.PageSize != 0 || o.ChunkSize > maxChunkSize {
+		return nil, fmt.Errorf("pack: chunk size %d must be a multiple of the page size %d (a power of two), at most 1 GiB", o.ChunkSize, o.PageSize)
+	}
+	f, err := os.Open(memFile)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{Format: FormatName, Version: Version, Size: fi.Size(), PageSize: o.PageSize, ChunkSize: o.ChunkSize}
+	var extents [][2]int64
+	if base != nil {
+		if m.Size != base.Size() {
+			return nil, fmt.Errorf("pack: diff file of %d bytes over a base of %d", m.Size, base.Size())
+		}
+		if extents, err = dataExtents(f, m.Size); err != nil {
+			return nil, fmt.Errorf("pack: finding the diff's data: %w", err)
+		}
+		abs, _ := filepath.Abs(o.Base)
+		m.Base = &BaseRef{Dir: abs, Checksum: base.Manifest().Checksum}
+	}
+	if _, err := os.Stat(filepath.Join(out, ManifestName)); err == nil {
+		return nil, fmt.Errorf("pack: %s is a snapshot already", out)
+	}
+	if o.Store != "" {
+		if m.Store, err = filepath.Abs(o.Store); err != nil {
+			return nil, err
+		}
+	}
+	chunkDir := m.chunkDir(out)
+	if err := os.MkdirAll(chunkDir, 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return nil, err
+	}
+
+	nchunks := m.NumChunks()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	jobs := make(chan packJob)
+	results := make(chan packResult, o.Workers)
+	// Buffers circulate reader → worker → reader: two per worker keep both busy while the
+	// reader reads ahead.
+	bufs := make(chan []byte, 2*o.Workers)
+	for range 2 * o.Workers {
+		bufs <- make([]byte, o.ChunkSize)
+	}
+	var readErr error
+	go func() {
+		defer close(jobs)
+		readErr = readChunks(ctx, f, m, base, extents, bufs, jobs)
+	}()
+	var wg sync.WaitGroup
+	for range o.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w, err := newPacker(m, chunkDir, base, o.Level)
+			if err != nil {
+				for j := range jobs {
+					results <- packResult{idx: j.idx, err: err}
+				}
+				return
+			}
+			defer w.enc.Close()
+			for j := range jobs {
+				r := w.pack(j)
+				if j.buf != nil {
+					bufs <- j.buf[:cap(j.buf)]
+				}
+				results <- r
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(results) }()
+
+	m.Chunks = make([]ChunkEntry, nchunks)
+	m.ZeroMap = make([]byte, ceilDiv(m.Pages(), 8))
+	st := &PackStats{Size: m.Size, Chunks: nchunks, Pages: m.Pages()}
+	var firstErr error
+	var done int64
+	per := o.ChunkSize / o.PageSize
+	for r := range results {
+		if r.err != nil {
+			if firstErr == nil {
+				firstErr = r.err
+				cancel()
+			}
+			continue
+		}
+		m.Chunks[r.idx] = r.entry
+		for i, z := range r.zero {
+			if z {
+				p := int64(r.idx)*per + int64(i)
+				m.ZeroMap[p>>3] |= 1 << (p & 7)
+				st.ZeroPages++
+			}
+		}
+		if r.reused {
+			st.Reused++
+		}
+		done += r.n
+		if o.Progress != nil {
+			o.Progress(done, m.Size)
+		}
+	}
+	if firstErr == nil {
+		firstErr = readErr
+	}
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if err := syncDir(chunkDir); err != nil {
+		return nil, err
+	}
+	seen := make(map[string]bool)
+	for _, c := range m.Chunks {
+		if c.Enc == EncZero {
+			st.ZeroChunks++
+		} else if !seen[c.Hash] {
+			seen[c.Hash] = true
+			st.Stored += c.Stored
+		}
+	}
+	if o.beforeManifest != nil {
+		if err := o.beforeManifest(); err != nil {
+			return nil, err
+		}
+	}
+	if err := writeManifest(out, m); err != nil {
+		return nil, err
+	}
+	if m.Store != "" {
+		if err := registerInStore(m.Store, out); err != nil {
+			return nil, err
+		}
+	}
+	st.Elapsed = time.Since(start)
+	return st, nil
+}
+
+// readChunks reads the image chunk by chunk, in order, and hands each to the workers. For a diff
+// a chunk no data extent touches is handed over as the base's entry, unread.
+func readChunks(ctx context.Context, f *os.File, m *Manifest, base *Snapshot, extents [][2]int64, bufs chan []byte, jobs chan<- packJob) error {
+	for i := range m.NumChunks() {
+		off := int64(i) * m.ChunkSize
+		clen := m.chunkLen(i)
+		var touched [][2]int64
+		if base != nil {
+			// extents are sorted and disjoint: find those overlapping [off, off+clen).
+			k := sort.Search(len(extents), func(k int) bool { return extents[k][1] > off })
+			for ; k < len(extents) && extents[k][0] < off+clen; k++ {
+				touched = append(touched, extents[k])
+			}
+			if len(touched) == 0 {
+				select {
+				case jobs <- packJob{idx: i, base: base.Manifest().Chunks[i]}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				continue
+			}
+		}
+		var buf []byte
+		select {
+		case buf = <-bufs:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		buf = buf[:clen]
+		if base != nil {
+			if err := base.ReadChunk(ctx, i, buf); err != nil {
+				return fmt.Errorf("base: %w", err)
+			}
+			ps := m.PageSize
+			for _, e := range touched {
+				// Whole pages: Firecracker writes a dirty page whole, and a file system may
+				// report data in blocks smaller than a page.
+				s := max(e[0]/ps*ps, off)
+				t := min(ceilDiv(e[1], ps)*ps, off+clen)
+				if _, err := f.ReadAt(buf[s-off:t-off], s); err != nil && err != io.EOF {
+					return err
+				}
+			}
+		} else if _, err := f.ReadAt(buf, off); err != nil && !(err == io.EOF) {
+			return err
+		}
+		select {
+		case jobs <- packJob{idx: i, buf: buf}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// A packer is one worker's state: its encoder and output buffer.
+type packer struct {
+	m        *Manifest
+	chunkDir string
+	base     *Snapshot
+	enc      *zstd.Encoder
+	out      []byte
+}
+
+func newPacker(m *Manifest, chunkDir string, base *Snapshot, level int) (*packer, error) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)),
+		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
+	if err != nil {
+		return nil, err
+	}
+	return &packer{m: m, chunkDir: chunkDir, base: base, enc: enc}, nil
+}
+
+func (w *packer) pack(j packJob) packResult {
+	m := w.m
+	r := packResult{idx: j.idx, n: m.chunkLen(j.idx)}
+	per := m.ChunkSize / m.PageSize
+	first := int64(j.idx) * per
+	npages := ceilDiv(r.n, m.PageSize)
+	if j.buf == nil {
+		// The base's chunk, its pages' zero bits too.
+		bm := w.base.Manifest()
+		r.zero = make([]bool, npages)
+		for i := range r.zero {
+			r.zero[i] = bm.isZero(first + int64(i))
+		}
+		r.entry = j.base
+		r.reused = true
+		if j.base.Enc != EncZero {
+			r.err = w.linkFromBase(j.idx, j.base)
+		}
+		return r
+	}
+	buf := j.buf
+	r.zero = make([]bool, npages)
+	var payload int64
+	for i := range npages {
+		at := i * m.PageSize
+		page := buf[at:min(at+m.PageSize, r.n)]
+		if r.zero[i] = zeroPage(page); !r.zero[i] {
+			payload += int64(len(page))
+		}
+	}
+	if payload == 0 {
+		r.entry = ChunkEntry{Enc: EncZero}
+		return r
+	}
+	sum := sha256.Sum256(buf)
+	hash := hex.EncodeToString(sum[:])
+	for _, enc := range []Encoding{EncZstd, EncRaw} {
+		if fi, err := os.Stat(filepath.Join(w.chunkDir, chunkFile(hash, enc))); err == nil {
+			r.entry = ChunkEntry{Hash: hash, Stored: fi.Size(), Enc: enc}
+			r.reused = true
+			return r
+		}
+	}
+	// Pack the non-zero pages at the start of buf (the reader's expand undoes it).
+	var to int64
+	for i := range npages {
+		at := i * m.PageSize
+		l := min(m.PageSize, r.n-at)
+		if !r.zero[i] {
+			if to != at {
+				copy(buf[to:to+l], buf[at:at+l])
+			}
+			to += l
+		}
+	}
+	data := buf[:payload]
+	w.out = w.enc.EncodeAll(data, w.out[:0])
+	enc := EncZstd
+	// Stored raw when zstd saves less than 1/64: reading it is then a copy.
+	if int64(len(w.out)) >= payload-payload/64 {
+		enc = EncRaw
+	} else {
+		data = w.out
+	}
+	r.entry = ChunkEntry{Hash: hash, Stored: int64(len(data)), Enc: enc}
+	r.err = w.writeChunk(chunkFile(hash, enc), data)
+	return r
+}
+
+// writeChunk writes a chunk file: temp file, fsync, rename, so that a chunk's name never holds
+// part of it. The directory is synced once, by Pack, before the manifest.
+func (w *packer) writeChunk(name string, data []byte) error {
+	f, err := createTemp(w.chunkDir, name)
+	if err != nil {
+		return err
+	}
+	return commitTempNoDirSync(f, filepath.Join(w.chunkDir, name), data)
+}
+
+// linkFromBase makes the base's chunk file part of this snapshot's chunk directory (a hard link,
+// or a copy across file systems), unless it is there already (a shared store).
+func (w *packer) linkFromBase(idx int, c ChunkEntry) error {
+	name := chunkFile(c.Hash, c.Enc)
+	dst := filepath.Join(w.chunkDir, name)
+	if _, err := os.Stat(dst); err == nil {
+		return nil
+	}
+	src := filepath.Join(w.base.chunkDir, name)
+	if err := os.Link(src, dst); err == nil || errors.Is(err, os.ErrExist) {
+		return nil
+	}
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("base chunk %d: %w", idx, err)
+	}
+	return w.writeChunk(name, data)
+}
