@@ -19,8 +19,24 @@ const (
 
 // Config configures a Daemon.
 type Config struct {
-	Socket  string // path of the Unix socket to listen on
-	MemFile string // the memory snapshot file every VM is served from
+	Socket string // path of the Unix socket to listen on
+	// MemFile is a raw memory snapshot file every VM is served from; Snapshot a packed snapshot
+	// directory (package snapshot) instead. Exactly one is set.
+	MemFile  string
+	Snapshot string
+	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
+	// snapshot.DefaultCacheSize).
+	CacheSize int64
+	// Record records the working set of the VMs served (the order in which their faults first
+	// touch pages) into the packed snapshot when each VM ends, or when RecordWindow elapses after
+	// its handshake (0: until it ends). Where the snapshot has a working set already, the pages
+	// both recordings share are kept, in the new recording's order. While recording, faults are
+	// served one page at a time (no fault-around: a page installed ahead of its touch never
+	// faults, so it would be missing from the working set) and nothing is prefetched.
+	Record       bool
+	RecordWindow time.Duration
+	// NoPrefetch turns off prefetching a packed snapshot's working set into each VM restored.
+	NoPrefetch bool
 	// SocketGroup, when > 0, makes the socket 0660 and owned by this group; else it is 0600.
 	SocketGroup int
 	// AllowUIDs, when not empty, admits only VMMs running as these uids (SO_PEERCRED).
@@ -56,6 +72,11 @@ type Report struct {
 	Duration time.Duration
 
 	Faults, Pages, ZeroPages, Bytes, Retries, Errors uint64
+	// Prefetched is the pages the working-set prefetch installed before any fault asked for
+	// them: each one a page the recording saw fault, so a fault avoided if this VM touches it
+	// too. PrefetchTime is from the handshake to the end of the prefetch.
+	Prefetched   uint64
+	PrefetchTime time.Duration
 	// FirstFault is from the connection to the first page installed (0 if none).
 	FirstFault time.Duration
 	// P50 and P99 are estimates: interpolated within the power-of-two buckets of the latency

@@ -15,6 +15,9 @@ func (r Report) logAttrs() []any {
 	if r.Failure != "" {
 		a = append(a, "failure", r.Failure)
 	}
+	if r.Prefetched > 0 {
+		a = append(a, "prefetched", r.Prefetched, "prefetch_time", r.PrefetchTime.Round(time.Microsecond))
+	}
 	if r.Retries > 0 || r.Errors > 0 {
 		a = append(a, "retries", r.Retries, "errors", r.Errors)
 	}
@@ -25,8 +28,14 @@ func (r Report) logAttrs() []any {
 type totals struct {
 	vms                                              uint64
 	faults, pagesFault, pagesAround, pagesZero       uint64
+	pagesPrefetched                                  uint64
 	pagesRemoved, bytes, retries, errors, duplicates uint64
 	latency                                          engine.Histogram
+}
+
+// pages is every page installed: the causes partition it.
+func (t *totals) pages() uint64 {
+	return t.pagesFault + t.pagesAround + t.pagesZero + t.pagesPrefetched
 }
 
 func (t *totals) addStats(s engine.Stats) {
@@ -34,6 +43,7 @@ func (t *totals) addStats(s engine.Stats) {
 	t.pagesFault += s.PagesFault
 	t.pagesAround += s.PagesAround
 	t.pagesZero += s.PagesZero
+	t.pagesPrefetched += s.PagesPrefetched
 	t.pagesRemoved += s.PagesRemoved
 	t.bytes += s.Bytes
 	t.retries += s.Retries
@@ -48,6 +58,7 @@ func (t *totals) add(o totals) {
 	t.pagesFault += o.pagesFault
 	t.pagesAround += o.pagesAround
 	t.pagesZero += o.pagesZero
+	t.pagesPrefetched += o.pagesPrefetched
 	t.pagesRemoved += o.pagesRemoved
 	t.bytes += o.bytes
 	t.retries += o.retries
@@ -92,10 +103,14 @@ func (v *vm) report() Report {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	r := Report{VM: v.id, Pid: v.pid, Regions: v.regions, Cause: v.endCause, Duration: time.Since(v.started),
-		Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero, ZeroPages: t.pagesZero, Bytes: t.bytes,
+		Faults: t.faults, Pages: t.pages(), ZeroPages: t.pagesZero, Bytes: t.bytes,
 		Retries: t.retries, Errors: t.errors, P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 	if v.version != 0 {
 		r.Version = v.version.String()
+	}
+	r.Prefetched = t.pagesPrefetched
+	for _, e := range v.engines {
+		r.PrefetchTime = max(r.PrefetchTime, e.PrefetchTotals().Duration)
 	}
 	if v.failure != nil {
 		r.Failure = v.failure.Error()
@@ -117,7 +132,7 @@ func (v *vm) report() Report {
 // Summary returns the running totals (live VMs read now).
 func (d *Daemon) Summary() Summary {
 	t, live := d.allTotals()
-	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero,
+	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pages(),
 		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
 		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 }
