@@ -168,8 +168,17 @@ func TestServeSecondSignalExits(t *testing.T) {
 
 func TestServeUsage(t *testing.T) {
 	var out lockedBuffer
-	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and --mem-file are required") {
+	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and one of --mem-file or --snapshot are required") {
 		t.Fatalf("exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--snapshot", "/d"}, io.Discard, &out); c != 2 {
+		t.Fatalf("both --mem-file and --snapshot: exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--record"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--record needs --snapshot") {
+		t.Fatalf("--record with --mem-file: exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--snapshot", t.TempDir()}, io.Discard, &out); c != 1 || !strings.Contains(out.String(), "not a snapshot") {
+		t.Fatalf("a directory that is no snapshot: exit %d: %s", c, out.String())
 	}
 	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/nonexistent"}, io.Discard, &out); c != 1 || !strings.Contains(out.String(), "memory file") {
 		t.Fatalf("missing file: exit %d: %s", c, out.String())
