@@ -17,56 +17,20 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/faultline-go/faultline/engine"
 	"github.com/faultline-go/faultline/firecracker"
+	"github.com/faultline-go/faultline/snapshot"
 	"github.com/faultline-go/faultline/source"
 )
 
-// Policy says what to do with a VM the daemon cannot serve.
-type Policy string
-
-const (
-	// Kill sends SIGKILL to the VMM (through its pidfd): the guest dies instead of hanging.
-	Kill Policy = "kill"
-	// LogOnly logs the failure and leaves the VMM as it is (its faulting vCPUs stay blocked).
-	LogOnly Policy = "log"
-)
-
-// Config configures a Daemon.
-type Config struct {
-	Socket  string // path of the Unix socket to listen on
-	MemFile string // the memory snapshot file every VM is served from
-	// SocketGroup, when > 0, makes the socket 0660 and owned by this group; else it is 0600.
-	SocketGroup int
-	// AllowUIDs, when not empty, admits only VMMs running as these uids (SO_PEERCRED).
-	AllowUIDs []uint32
-	// OnFailure is what happens to a VM that cannot be served (default Kill).
-	OnFailure Policy
-	// Engine tunes the engine of every uffd.
-	Engine engine.Options
-	// MaxRegions bounds the regions of one handshake (default 4096); HandshakeTimeout bounds
-	// the arrival of a started handshake (default 5 s).
-	MaxRegions       int
-	HandshakeTimeout time.Duration
-	// MaxHandshakes bounds the handshakes one connection may send, each of which starts an
-	// engine (default 8). Firecracker sends one; the headroom is for a VMM that hands over
-	// memory added later on the same stream. A handshake beyond it is refused with the
-	// failure policy.
-	MaxHandshakes int
-	// Logger receives the daemon's log and, with the VM's "vm" and "pid" attributes, its
-	// engines' (default slog.Default(); Engine.Logger, if set, is used for the engines instead).
-	Logger *slog.Logger
-	// OnVMEnd, if set, is called with each VM's final report.
-	OnVMEnd func(Report)
-}
-
 // Daemon is a running server.
 type Daemon struct {
-	cfg  Config
-	log  *slog.Logger
-	src  *source.File
-	ln   *net.UnixListener
-	path string
+	cfg   Config
+	log   *slog.Logger
+	src   source.Source
+	snap  *snapshot.Snapshot // the packed snapshot served, if it is one
+	recMu sync.Mutex         // one working-set write at a time
+	ln    *net.UnixListener
+	path  string
 	// sock is the (device, inode) of the socket file we bound: on stop the path is removed
 	// only while it still names that file, not a successor's socket renamed over it.
 	sock  fileID
@@ -88,8 +52,11 @@ type Daemon struct {
 
 // New opens the memory file and listens on the socket.
 func New(cfg Config) (*Daemon, error) {
-	if cfg.Socket == "" || cfg.MemFile == "" {
-		return nil, errors.New("daemon: a socket path and a memory file are required")
+	if cfg.Socket == "" || (cfg.MemFile == "") == (cfg.Snapshot == "") {
+		return nil, errors.New("daemon: a socket path and either a memory file or a snapshot directory are required")
+	}
+	if cfg.Record && cfg.Snapshot == "" {
+		return nil, errors.New("daemon: recording a working set needs a packed snapshot (Snapshot), not a raw memory file")
 	}
 	if cfg.OnFailure == "" {
 		cfg.OnFailure = Kill
@@ -106,8 +73,16 @@ func New(cfg Config) (*Daemon, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	src, err := source.OpenFile(cfg.MemFile)
-	if err != nil {
+	var src source.Source
+	var snap *snapshot.Snapshot
+	var err error
+	if cfg.Snapshot != "" {
+		snap, err = snapshot.OpenWith(cfg.Snapshot, snapshot.Options{CacheSize: cfg.CacheSize})
+		if err != nil {
+			return nil, fmt.Errorf("daemon: snapshot: %w", err)
+		}
+		src = snap
+	} else if src, err = source.OpenFile(cfg.MemFile); err != nil {
 		return nil, fmt.Errorf("daemon: memory file: %w", err)
 	}
 	exits, err := newExitWatcher()
@@ -115,7 +90,7 @@ func New(cfg Config) (*Daemon, error) {
 		src.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
+	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, snap: snap, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
 		accepted: make(chan struct{}), done: make(chan struct{})}
 	if err := d.listen(); err != nil {
 		exits.close()
@@ -307,6 +282,7 @@ func (d *Daemon) handle(c *net.UnixConn) {
 	delete(d.vms, v)
 	d.finished.add(v.totals())
 	d.mu.Unlock()
+	v.saveRecording()
 	rep := v.report()
 	d.log.Info("VM ended", rep.logAttrs()...)
 	if d.cfg.OnVMEnd != nil {

@@ -8,28 +8,15 @@ import (
 	"github.com/faultline-go/faultline/engine"
 )
 
-// Report is what the daemon logs when a VM goes.
-type Report struct {
-	VM       int64
-	Pid      int
-	Version  string
-	Regions  int
-	Cause    string
-	Failure  string // why it could not be served, if so
-	Duration time.Duration
-
-	Faults, Pages, ZeroPages, Bytes, Retries, Errors uint64
-	// FirstFault is from the connection to the first page installed (0 if none).
-	FirstFault time.Duration
-	P50, P99   time.Duration
-}
-
 func (r Report) logAttrs() []any {
 	a := []any{"vm", r.VM, "pid", r.Pid, "cause", r.Cause, "version", r.Version, "regions", r.Regions,
 		"duration", r.Duration.Round(time.Millisecond), "faults", r.Faults, "pages", r.Pages,
 		"zero_pages", r.ZeroPages, "bytes", r.Bytes, "first_fault", r.FirstFault, "p50", r.P50, "p99", r.P99}
 	if r.Failure != "" {
 		a = append(a, "failure", r.Failure)
+	}
+	if r.Prefetched > 0 {
+		a = append(a, "prefetched", r.Prefetched, "prefetch_time", r.PrefetchTime.Round(time.Microsecond))
 	}
 	if r.Retries > 0 || r.Errors > 0 {
 		a = append(a, "retries", r.Retries, "errors", r.Errors)
@@ -41,8 +28,14 @@ func (r Report) logAttrs() []any {
 type totals struct {
 	vms                                              uint64
 	faults, pagesFault, pagesAround, pagesZero       uint64
+	pagesPrefetched                                  uint64
 	pagesRemoved, bytes, retries, errors, duplicates uint64
 	latency                                          engine.Histogram
+}
+
+// pages is every page installed: the causes partition it.
+func (t *totals) pages() uint64 {
+	return t.pagesFault + t.pagesAround + t.pagesZero + t.pagesPrefetched
 }
 
 func (t *totals) addStats(s engine.Stats) {
@@ -50,6 +43,7 @@ func (t *totals) addStats(s engine.Stats) {
 	t.pagesFault += s.PagesFault
 	t.pagesAround += s.PagesAround
 	t.pagesZero += s.PagesZero
+	t.pagesPrefetched += s.PagesPrefetched
 	t.pagesRemoved += s.PagesRemoved
 	t.bytes += s.Bytes
 	t.retries += s.Retries
@@ -64,6 +58,7 @@ func (t *totals) add(o totals) {
 	t.pagesFault += o.pagesFault
 	t.pagesAround += o.pagesAround
 	t.pagesZero += o.pagesZero
+	t.pagesPrefetched += o.pagesPrefetched
 	t.pagesRemoved += o.pagesRemoved
 	t.bytes += o.bytes
 	t.retries += o.retries
@@ -108,10 +103,14 @@ func (v *vm) report() Report {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	r := Report{VM: v.id, Pid: v.pid, Regions: v.regions, Cause: v.endCause, Duration: time.Since(v.started),
-		Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero, ZeroPages: t.pagesZero, Bytes: t.bytes,
+		Faults: t.faults, Pages: t.pages(), ZeroPages: t.pagesZero, Bytes: t.bytes,
 		Retries: t.retries, Errors: t.errors, P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 	if v.version != 0 {
 		r.Version = v.version.String()
+	}
+	r.Prefetched = t.pagesPrefetched
+	for _, e := range v.engines {
+		r.PrefetchTime = max(r.PrefetchTime, e.PrefetchTotals().Duration)
 	}
 	if v.failure != nil {
 		r.Failure = v.failure.Error()
@@ -130,17 +129,10 @@ func (v *vm) report() Report {
 	return r
 }
 
-// Summary is the daemon's running totals over every VM served since start.
-type Summary struct {
-	Live, VMs                                int
-	Faults, Pages, ZeroPages, Removed, Bytes uint64
-	P50, P99                                 time.Duration
-}
-
 // Summary returns the running totals (live VMs read now).
 func (d *Daemon) Summary() Summary {
 	t, live := d.allTotals()
-	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pagesFault + t.pagesAround + t.pagesZero,
+	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pages(),
 		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
 		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 }

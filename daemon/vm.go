@@ -184,6 +184,11 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 		}
 	}
 	opts := v.d.cfg.Engine
+	if opts.Record = v.d.cfg.Record && v.d.snap != nil; opts.Record {
+		// One page per fault while recording, as REAP records: a page installed ahead of its
+		// touch never faults, so fault-around would leave it out of the working set.
+		opts.FaultAround = engine.FaultAround{Min: 1, Max: 1}
+	}
 	if opts.Logger == nil {
 		opts.Logger = v.log
 	} else {
@@ -201,6 +206,7 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 	v.regions += len(h.Regions)
 	v.mu.Unlock()
 	v.log.Info("serving", "version", h.Version.String(), "regions", len(h.Regions), "uffd", h.UFFD)
+	v.startWorkingSet(e)
 	v.wg.Add(1)
 	go func() {
 		defer v.wg.Done()

@@ -16,6 +16,12 @@ func newBitmap(n int) *bitmap { return &bitmap{w: make([]atomic.Uint64, (n+63)/6
 
 func (b *bitmap) get(i int) bool { return b.w[i>>6].Load()&(1<<(i&63)) != 0 }
 
+// testAndSet sets bit i and reports whether it was clear.
+func (b *bitmap) testAndSet(i int) bool {
+	m := uint64(1) << (i & 63)
+	return b.w[i>>6].Or(m)&m == 0
+}
+
 // setRange sets [i, j).
 func (b *bitmap) setRange(i, j int) {
 	for i < j {

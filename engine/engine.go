@@ -43,6 +43,8 @@ type Engine struct {
 
 	state    atomic.Int32
 	stopping atomic.Bool
+	ctx      context.Context // ends when the engine stops: cancels source reads and prefetches
+	cancel   context.CancelFunc
 	errOnce  sync.Once
 	err      error
 	done     chan struct{}
@@ -61,13 +63,17 @@ type Engine struct {
 	childMu  sync.Mutex
 	children []*Engine
 	childWG  sync.WaitGroup
+
+	rec      *recording // nil unless Options.Record
+	prefetch prefetchCounters
 }
 
 // fault is one fault message and when it was read; a retry keeps the time, so its latency is
 // measured from the first read.
 type fault struct {
-	pf uffd.Pagefault
-	at time.Time
+	pf      uffd.Pagefault
+	at      time.Time
+	retried bool // deferred once (EAGAIN) and being retried
 }
 
 // New prepares an engine serving regions through fd. Once New succeeds the engine owns fd and
@@ -86,6 +92,17 @@ func New(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 	}
 	t.sort()
 	e.tab.Store(&t)
+	if opts.Record {
+		total := 0
+		for _, st := range e.states {
+			st.touched = newBitmap(st.pages)
+			total += st.pages
+		}
+		e.rec = newRecording(total)
+		for _, st := range e.states {
+			st.rec = e.rec
+		}
+	}
 	if err := e.init(); err != nil {
 		return nil, err
 	}
@@ -107,7 +124,8 @@ func newEngine(fd *uffd.FD, opts Options) *Engine {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	return &Engine{fd: fd, opts: opts, log: opts.Logger, done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Engine{fd: fd, opts: opts, log: opts.Logger, done: make(chan struct{}), ctx: ctx, cancel: cancel}
 }
 
 func (e *Engine) init() error {
@@ -173,6 +191,7 @@ func (e *Engine) Run(ctx context.Context) error {
 func (e *Engine) Close() {
 	if e.state.CompareAndSwap(stateNew, stateClosed) {
 		e.stopping.Store(true)
+		e.cancel()
 		e.release()
 		close(e.done)
 		return
@@ -185,6 +204,7 @@ func (e *Engine) Close() {
 // past deadline.
 func (e *Engine) stop() {
 	if !e.stopping.Swap(true) {
+		e.cancel()
 		e.fd.SetReadDeadline(time.Unix(1, 0))
 	}
 }
@@ -279,4 +299,20 @@ func (e *Engine) Installed() map[string]int {
 		m[st.spec.Name] = st.installed.count()
 	}
 	return m
+}
+
+// Recorded returns the pages of the source image (offset / page size) that faults touched while
+// Options.Record was on, in the order of their first touch; nil if the engine does not record.
+func (e *Engine) Recorded() []uint64 {
+	if e.rec == nil {
+		return nil
+	}
+	return e.rec.order()
+}
+
+// StopRecording ends the recording (a --record-window elapsed); Recorded keeps what it has.
+func (e *Engine) StopRecording() {
+	if e.rec != nil {
+		e.rec.on.Store(false)
+	}
 }

@@ -42,3 +42,17 @@ func (e *Engine) Dirty(region string) []int { return nil }
 
 // Installed returns nothing.
 func (e *Engine) Installed() map[string]int { return map[string]int{} }
+
+// Recorded returns nothing.
+func (e *Engine) Recorded() []uint64 { return nil }
+
+// StopRecording does nothing.
+func (e *Engine) StopRecording() {}
+
+// Prefetch fails with ErrUnsupported on this system.
+func (e *Engine) Prefetch(ctx context.Context, next func() (PageRun, error)) (PrefetchStats, error) {
+	return PrefetchStats{}, errNotLinux
+}
+
+// PrefetchTotals returns nothing.
+func (e *Engine) PrefetchTotals() PrefetchStats { return PrefetchStats{} }

@@ -152,8 +152,9 @@ func waitPending(t testing.TB, fd *uffd.FD, n uint64) {
 }
 
 // waitEventBlocked waits until the child thread that published its id under key (eng-mm) waits
-// for the handler to read the event it raised (kernel-abi.md §3.5): its kernel stack shows the
-// wait, or — where the stack cannot be read — it sleeps uninterruptibly.
+// for the handler to read the event it raised (a non-cooperative event blocks the thread that
+// raised it until the handler reads it): its kernel stack shows the wait, or — where the stack
+// cannot be read — it sleeps uninterruptibly.
 func waitEventBlocked(t testing.TB, v *vm, key int64) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -299,8 +300,13 @@ func TestEventUnmap(t *testing.T) {
 			n := v.size / v.pageSize
 			lo, hi := n/4, n/2
 
-			// A fault in the range to be unmapped, then the munmap, before the engine runs:
-			// the fault must end in SIGSEGV (the page is gone), not in an engine error.
+			// A fault in the range to be unmapped, then the munmap, before the engine runs.
+			// munmap removes the range before it sends UNMAP, so the engine wakes the thread
+			// onto an address it no longer maps, and the retried load usually takes SIGSEGV.
+			// But the child's Go runtime maps memory of its own (stacks, heap) and the hole
+			// is a fit: if it mapped something there meanwhile, the load reads that instead.
+			// Both are legitimate; what must hold is that the fault ends (no hang), with at
+			// most one signal, without the source's bytes, and the engine does not fail.
 			gone := v.start(puppet.Request{Op: "eng-touch", Off: (lo + 1) * v.pageSize, Len: v.pageSize, Seed: seed})
 			waitPending(t, v.fd, 1)
 			unmap := v.start(puppet.Request{Op: "eng-mm", Ints: []int64{int64(lo * v.pageSize), int64((hi - lo) * v.pageSize), puppet.EngMunmap, 1}})
@@ -312,16 +318,15 @@ func TestEventUnmap(t *testing.T) {
 			}
 			rep, _, err := gone.Wait(30 * time.Second)
 			if err != nil {
-				t.Fatal(err)
+				t.Fatalf("the fault on the page being unmapped did not end: %v", err)
 			}
-			// Usually the retried access finds the page gone: SIGSEGV. But the munmap runs on
-			// after its event is read, and a retry that lands before it finishes can be
-			// served by the kernel itself (the range no longer trapped). Either way the fault
-			// must end — no hang — and the engine must not fail; which way it went is logged.
-			if rep.Sigbus > 1 {
+			switch {
+			case rep.Sigbus > 1:
 				t.Errorf("the fault on the unmapped page took %d signals, want at most 1 SIGSEGV", rep.Sigbus)
+			case rep.Sigbus == 0 && rep.Mismatch == 0:
+				t.Errorf("the unmapped page read the source's bytes: it was served after the UNMAP")
 			}
-			t.Logf("fault on the page being unmapped ended with %d SIGSEGV", rep.Sigbus)
+			t.Logf("fault on the page being unmapped ended with %d SIGSEGV (none: the child mapped memory there meanwhile)", rep.Sigbus)
 			// The rest, in order: windows grow toward the hole and must stop at it.
 			v.touch(0, lo, seed, nil, 0)
 			v.touch(hi, n, seed, nil, 0)

@@ -86,8 +86,8 @@ func ExampleNew() {
 	}
 }
 
-// Latency is a histogram with power-of-two buckets; Quantile answers with the upper bound of the
-// bucket the quantile falls in.
+// Latency is a histogram with power-of-two buckets; Quantile interpolates linearly within the
+// bucket the quantile falls in, so its answer is an estimate, not a measured value.
 func ExampleHistogram_Quantile() {
 	h := engine.Histogram{Counts: make([]uint64, 28)}
 	for i := 0; i < 27; i++ {
@@ -104,7 +104,7 @@ func ExampleHistogram_Quantile() {
 	fmt.Println("max ", h.Quantile(1))
 	fmt.Println("none", engine.Histogram{}.Quantile(0.5))
 	// Output:
-	// p50  2.048µs
+	// p50  1.592µs
 	// p90  2.048µs
 	// p99  16.384µs
 	// max  1.048576ms

@@ -5,9 +5,12 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"runtime"
 	"time"
 	"unsafe"
+
+	"github.com/faultline-go/faultline/source"
 
 	"github.com/faultline-go/faultline/uffd"
 )
@@ -59,8 +62,11 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 	st := j.st
 	ps := st.spec.PageSize
 	off := st.spec.Offset + int64(j.idx)*int64(ps)
-	n, err := st.spec.Source.ReadAt(buf, off)
+	n, err := e.read(st, buf, off)
 	if n < len(buf) {
+		if e.stopping.Load() {
+			return nil // cancelled: the engine is going
+		}
 		if err == nil {
 			err = errors.New("short read")
 		}
@@ -131,6 +137,34 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 			return nil
 		}
 		return fmt.Errorf("engine: region %q: install fetched pages at %#x: %w", st.spec.Name, j.addr, ierr)
+	}
+}
+
+// read reads the source for a fetch, retrying transient errors (source.ErrTransient) with
+// exponential backoff and jitter — up to 7 tries over about 1.3 s — while the engine runs.
+// A ContextReader's read is cancelled when the engine stops.
+func (e *Engine) read(st *pageState, buf []byte, off int64) (int, error) {
+	backoff := 10 * time.Millisecond
+	for try := 1; ; try++ {
+		var n int
+		var err error
+		if st.ctxReader != nil {
+			n, err = st.ctxReader.ReadAtContext(e.ctx, buf, off)
+		} else {
+			n, err = st.spec.Source.ReadAt(buf, off)
+		}
+		if n == len(buf) || !errors.Is(err, source.ErrTransient) || try == 7 || e.stopping.Load() {
+			return n, err
+		}
+		st.stats.retries.Add(1)
+		t := time.NewTimer(backoff/2 + time.Duration(rand.Int64N(int64(backoff))))
+		select {
+		case <-t.C:
+		case <-e.ctx.Done():
+			t.Stop()
+			return n, err
+		}
+		backoff *= 2
 	}
 }
 

@@ -358,3 +358,25 @@ func (s fdNumbers) minus(o fdNumbers) []int {
 	slices.Sort(out)
 	return out
 }
+
+// With Workers > 1, helpers take part of a large batch: 64 threads faulting at once outrun one
+// reader, the helpers start, and every byte is right.
+func TestHelpersShareLargeBatches(t *testing.T) {
+	const seed = 38
+	v := newVM(t, memory.Anon, 64<<20, 0, uffd.ModeMissing)
+	g0 := runtime.NumGoroutine()
+	e, stop := serveLogged(t, v, []engine.Region{v.region(patternSource(t, v.size, seed))}, engine.Options{Workers: 3})
+	rep := v.do(puppet.Request{Op: "eng-touch", Seed: seed, Order: "rand", Threads: 64})
+	if rep.Mismatch != 0 || rep.Sigbus != 0 {
+		t.Fatalf("%d pages wrong, %d signals", rep.Mismatch, rep.Sigbus)
+	}
+	if n := runtime.NumGoroutine(); n < g0+3 {
+		t.Errorf("goroutines: %d before Run, %d after 64 threads faulted; want the reader and 2 helpers", g0, n)
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if st := e.Stats()[0]; st.Pages() != uint64(v.size/v.pageSize) || st.Errors != 0 {
+		t.Errorf("%d pages installed, %d errors; want %d and 0", st.Pages(), st.Errors, v.size/v.pageSize)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/uffd"
@@ -45,7 +46,8 @@ func newEngine(t testing.TB, v *vm, opts engine.Options) (*engine.Engine, int) {
 // thread touching in order brings one at a time), fetchers with the first non-resident read.
 func TestCloseParkedWorkers(t *testing.T) {
 	v := newVM(t, memory.Anon, 4<<20, 0, uffd.ModeMissing)
-	fds := numFDs(t)
+	initNetpoller(t)
+	fds := kerneltest.OpenFDs(t)
 	g0 := runtime.NumGoroutine()
 	e, fd := newEngine(t, v, engine.Options{Workers: 4, Fetchers: 2})
 	errc := runEngine(context.Background(), e)
@@ -75,9 +77,12 @@ func TestCloseParkedWorkers(t *testing.T) {
 	if isUffd(fd) {
 		t.Errorf("fd %d is still a userfaultfd after Run returned", fd)
 	}
-	// At least one fewer: an fd of an earlier test (a puppet's socket) may close meanwhile too.
-	if n := numFDs(t); n > fds-1 {
-		t.Errorf("fds: %d with the uffd, %d after Run; want one fewer", fds, n)
+	// The uffd is gone (above) and nothing is open that was not before.
+	if fds[strconv.Itoa(fd)] != "anon_inode:[userfaultfd]" {
+		t.Fatalf("fd %d was not the userfaultfd before Run: %v", fd, fds)
+	}
+	if leaked := newFDs(t, fds); len(leaked) > 0 {
+		t.Errorf("fds opened while serving and still open after Run: %v", leaked)
 	}
 	if !settle(func() bool { return runtime.NumGoroutine() <= g0 }) {
 		t.Errorf("goroutines: %d before Run, %d after", g0, runtime.NumGoroutine())

@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"log/slog"
+	"time"
 
 	"github.com/faultline-go/faultline/uffd"
 )
@@ -10,8 +11,9 @@ import (
 // Options tune an Engine. The zero value serves one page per fault from one goroutine.
 type Options struct {
 	// Workers is the number of goroutines resolving faults (default 1). One of them, Run's own,
-	// is the only reader of the userfaultfd; the others start when a batch first brings more
-	// than one fault, and take faults from the reader. More than the number of CPUs rarely helps.
+	// is the only reader of the userfaultfd; the others start when a batch first brings many
+	// faults at once (16), and take faults from the reader. More than the number of CPUs rarely
+	// helps.
 	Workers int
 	// FaultAround sets how many pages a fault installs (default 1, fixed).
 	FaultAround FaultAround
@@ -31,6 +33,10 @@ type Options struct {
 	PollThread bool
 	// Logger receives events worth an operator's attention (default: slog.Default()).
 	Logger *slog.Logger
+	// Record makes the engine record the order in which faults first touch the pages of its
+	// source image, for a working set to prefetch next time (see Recorded). A forked child's
+	// engine does not record.
+	Record bool
 	// OnFork is called with the engine that serves a forked child's userfaultfd (FORK event),
 	// after it started, from the reader's goroutine (no lock held). The child engine runs until
 	// its process is gone or the parent is closed; the parent's Run waits for it.
@@ -44,3 +50,18 @@ var ErrProcessGone = uffd.ErrProcessGone
 // ErrRunOnce is returned by Run when the engine runs or ran already: an engine serves one
 // userfaultfd once.
 var ErrRunOnce = errors.New("engine: Run called twice")
+
+// PageRun is a run of contiguous pages of the source image, for Prefetch: Data holds their
+// bytes, or is nil when they are all zero.
+type PageRun struct {
+	Off  int64  // offset in the source image, page-aligned
+	Len  int64  // bytes, a multiple of the page size
+	Data []byte // Len bytes, or nil for zero pages
+}
+
+// PrefetchStats says what a Prefetch did.
+type PrefetchStats struct {
+	Pages    uint64        // pages installed by the prefetch
+	Skipped  uint64        // pages already installed, removed or being fetched: left alone
+	Duration time.Duration // from the start of Prefetch until it returned
+}

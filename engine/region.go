@@ -27,10 +27,15 @@ type pageState struct {
 	removed   *bitmap // REMOVE'd since: serve zeros, never source data
 	dirty     *bitmap // written (WP fault seen)
 	fetching  *bitmap // a slow-source read is in flight
+	touched   *bitmap // faulted at least once while recording (nil unless recording)
 	resident  source.Resident
 	zeros     source.Zeros
+	cached    source.Cached        // some ranges resident (nil if none, or if resident)
+	ctxReader source.ContextReader // cancellable reads (nil: ReadAt)
+	extent    int                  // pages of the source's natural unit of reading (0: none)
 	stats     counters
 	fa        faultAround
+	rec       *recording // first touches, while recording (nil otherwise)
 }
 
 func newPageState(r Region, fa FaultAround) *pageState {
@@ -41,6 +46,13 @@ func newPageState(r Region, fa FaultAround) *pageState {
 	}
 	ps.resident, _ = r.Source.(source.Resident)
 	ps.zeros, _ = r.Source.(source.Zeros)
+	if ps.resident == nil {
+		ps.cached, _ = r.Source.(source.Cached)
+	}
+	ps.ctxReader, _ = r.Source.(source.ContextReader)
+	if x, ok := r.Source.(source.Extent); ok && x.Extent() > 0 {
+		ps.extent = max(int(x.Extent()/int64(r.PageSize)), 1)
+	}
 	ps.fa.init(fa, r.PageSize)
 	return ps
 }

@@ -119,7 +119,15 @@ func (in *installer) resolveLocked(f fault) error {
 	// The window: fault-around pages after the faulting one, stopping before any page that is
 	// installed or being fetched, at the end of the span, and where pages stop being removed
 	// (zeros) or start being removed (source data).
+	if st.rec != nil {
+		st.rec.touch(st, idx)
+	}
 	limit := min(idx+st.fa.pages(idx), sp.first+sp.n)
+	if st.extent > 0 {
+		// Not past the end of the source's unit (chunk) holding the faulting page.
+		img := st.spec.Offset/int64(ps) + int64(idx)
+		limit = min(limit, idx+int(int64(st.extent)-img%int64(st.extent)))
+	}
 	limit = st.installed.nextSet(idx+1, limit)
 	limit = st.fetching.nextSet(idx+1, limit)
 	if st.removed.get(idx) {
@@ -134,12 +142,18 @@ func (in *installer) resolveLocked(f fault) error {
 			return in.zeroRun(st, f, page, z, ps, idx)
 		}
 	}
-	if st.resident == nil {
+	var src []byte
+	switch {
+	case st.resident != nil:
+		src = st.resident.Bytes(srcOff, int64(length))
+	case st.cached != nil:
+		src, _ = st.cached.Cached(srcOff, int64(length))
+	}
+	if src == nil {
 		st.fetching.setRange(idx, limit)
 		in.job, in.hasJob = fetchJob{st: st, addr: page, idx: idx, pages: limit - idx, at: f.at}, true
 		return nil
 	}
-	src := st.resident.Bytes(srcOff, int64(length))
 	n, err := e.fd.Copy(page, uintptr(unsafe.Pointer(&src[0])), length, 0)
 	runtime.KeepAlive(src)
 	if done := int(n / ps); done > 0 {
@@ -163,6 +177,15 @@ func (in *installer) check(err error, st *pageState, f fault, page, ps uintptr, 
 		return in.wake(page, ps)
 	case errors.Is(err, uffd.ErrEventsPending):
 		st.stats.retries.Add(1)
+		// One deferred fault per page: a thread interrupted by signals while the events last
+		// reports its fault again and again, and every copy retried would come back as a
+		// duplicate once the page is in (looking like a page that keeps faulting).
+		for i := range in.deferred {
+			if in.deferred[i].pf.Address&^(ps-1) == page {
+				return nil
+			}
+		}
+		f.retried = true
 		in.deferred = append(in.deferred, f)
 		return nil
 	case errors.Is(err, uffd.ErrNotRegistered):
@@ -203,6 +226,11 @@ func (in *installer) unknown(addr uintptr) error {
 // MAP_NORESERVE, and with no free huge page COPY answers EEXIST while nothing is mapped.
 func (in *installer) duplicate(st *pageState, f fault, page, ps uintptr, idx int) error {
 	st.stats.duplicates.Add(1)
+	if f.retried {
+		// A deferred fault whose page went in meanwhile (by another fault of it): not a sign
+		// of a page that keeps faulting.
+		return in.wake(page, ps)
+	}
 	if page == in.dupAddr {
 		in.dupRun++
 	} else {

@@ -17,11 +17,12 @@ type Stats struct {
 	Minor      uint64 // MINOR faults (resolved with CONTINUE)
 	Duplicates uint64 // faults on pages already installed (each faulting thread reports its own)
 
-	PagesFault   uint64 // source pages installed for the faulting page itself
-	PagesAround  uint64 // source pages installed ahead of faults (fault-around)
-	PagesZero    uint64 // zero pages installed (removed ranges, known-zero source runs), faulting or ahead
-	PagesRemoved uint64 // pages dropped by REMOVE events
-	Bytes        uint64 // bytes copied from the source
+	PagesFault      uint64 // source pages installed for the faulting page itself
+	PagesAround     uint64 // source pages installed ahead of faults (fault-around)
+	PagesZero       uint64 // zero pages installed (removed ranges, known-zero source runs), faulting or ahead
+	PagesPrefetched uint64 // pages installed by Prefetch (source data or zero), before any fault
+	PagesRemoved    uint64 // pages dropped by REMOVE events
+	Bytes           uint64 // bytes copied from the source
 
 	Retries uint64 // ioctls retried because events were pending (EAGAIN)
 	Errors  uint64 // faults that failed (source errors, unexpected errnos)
@@ -32,12 +33,14 @@ type Stats struct {
 	FirstInstall time.Time
 }
 
-// Pages is the number of pages installed: PagesFault, PagesAround and PagesZero partition it.
-func (s Stats) Pages() uint64 { return s.PagesFault + s.PagesAround + s.PagesZero }
+// Pages is the number of pages installed: PagesFault, PagesAround, PagesZero and PagesPrefetched
+// partition it.
+func (s Stats) Pages() uint64 { return s.PagesFault + s.PagesAround + s.PagesZero + s.PagesPrefetched }
 
 type counters struct {
 	faults, missing, wp, minor, duplicates           atomic.Uint64
 	pagesFault, pagesAround, pagesZero, pagesRemoved atomic.Uint64
+	pagesPrefetched                                  atomic.Uint64
 	bytes, retries, errors                           atomic.Uint64
 	latency                                          histogram
 	first                                            atomic.Int64 // unix ns of the first install
@@ -56,7 +59,7 @@ func (c *counters) snapshot(name string) Stats {
 		Region: name, Faults: c.faults.Load(), Missing: c.missing.Load(), WP: c.wp.Load(),
 		Minor: c.minor.Load(), Duplicates: c.duplicates.Load(), PagesFault: c.pagesFault.Load(),
 		PagesAround: c.pagesAround.Load(), PagesZero: c.pagesZero.Load(),
-		PagesRemoved: c.pagesRemoved.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
+		PagesRemoved: c.pagesRemoved.Load(), PagesPrefetched: c.pagesPrefetched.Load(), Bytes: c.bytes.Load(), Retries: c.retries.Load(),
 		Errors: c.errors.Load(), Latency: c.latency.snapshot(),
 	}
 	if f := c.first.Load(); f != 0 {
@@ -108,23 +111,41 @@ func (h *histogram) snapshot() Histogram {
 	return s
 }
 
-// Quantile estimates the q-quantile (0..1) as the upper bound of the bucket it falls in.
+// Quantile estimates the q-quantile (q in [0, 1]) by linear interpolation within the bucket it
+// falls in, assuming the observations spread evenly over the bucket (as Prometheus's
+// histogram_quantile does): with power-of-two buckets the answer can be off by up to half the
+// bucket's width, so treat it as an estimate. The first bucket spans [0, Bounds[0]]; a quantile
+// in the last, unbounded bucket is reported as its lower bound (the largest bound). It returns 0
+// for an empty histogram.
 func (h Histogram) Quantile(q float64) time.Duration {
-	if h.Count == 0 {
+	// The total from the buckets, not Count: a snapshot taken while faults are served may read
+	// Count a little ahead of the buckets.
+	var total uint64
+	for _, c := range h.Counts {
+		total += c
+	}
+	if total == 0 || len(h.Bounds) == 0 {
 		return 0
 	}
-	rank := uint64(q*float64(h.Count) + 0.5)
-	var seen uint64
+	q = min(max(q, 0), 1)
+	rank := q * float64(total)
+	var below uint64
 	for i, c := range h.Counts {
-		seen += c
-		if seen >= rank && c > 0 {
-			if i < len(h.Bounds) {
-				return h.Bounds[i]
-			}
-			break
+		if c == 0 || float64(below+c) < rank {
+			below += c
+			continue
 		}
+		if i >= len(h.Bounds) {
+			break // the unbounded bucket
+		}
+		var lo time.Duration
+		if i > 0 {
+			lo = h.Bounds[i-1]
+		}
+		frac := (rank - float64(below)) / float64(c)
+		return lo + time.Duration(frac*float64(h.Bounds[i]-lo))
 	}
-	return h.Bounds[len(h.Bounds)-1] * 2
+	return h.Bounds[len(h.Bounds)-1]
 }
 
 // EmptyHistogram returns a histogram with the engine's bounds and no observations, to merge

@@ -20,8 +20,8 @@ import (
 // adaptive fault-around. No read may see source data once a release of its page has finished
 // (stale fill), none may see zeros before one began, and torn reads may mix only the pattern and
 // zeros; after the storm every released page reads zeros and every other page the pattern.
-// Nothing may hang: faults deferred by EAGAIN after an event read (kernel-pitfalls-6.18.md #2)
-// must be retried.
+// Nothing may hang: faults deferred by EAGAIN after an event read (the kernel keeps failing
+// resolving ioctls with EAGAIN for a while after the event was read) must be retried.
 func TestRemoveStorm(t *testing.T) {
 	cases := []struct {
 		kind    memory.Kind

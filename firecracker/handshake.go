@@ -216,18 +216,20 @@ func checkOverlaps(rs []Region) error {
 	return nil
 }
 
-// Encode renders regions as Firecracker of the given version would.
+// Encode renders regions as Firecracker of the given version would, byte for byte: the fields
+// in the order of its GuestRegionUffdMapping (as Firecracker v1.14.2 sends them:
+// base_host_virt_addr, size, offset, page_size, page_size_kib), no spaces.
 func Encode(rs []Region, v Version) ([]byte, error) {
-	out := make([]map[string]uint64, len(rs))
+	out := make([]Mapping, len(rs))
 	for i, r := range rs {
-		m := map[string]uint64{"base_host_virt_addr": uint64(r.Base), "size": uint64(r.Size), "offset": uint64(r.Offset)}
+		out[i] = Mapping{BaseHostVirtAddr: uint64(r.Base), Size: uint64(r.Size), Offset: uint64(r.Offset)}
+		// A page size is never 0, so omitempty drops exactly the fields v does not send.
 		if v >= V1_7 {
-			m["page_size_kib"] = uint64(r.PageSize)
+			out[i].PageSizeKiB = uint64(r.PageSize)
 		}
 		if v >= V1_12 {
-			m["page_size"] = uint64(r.PageSize)
+			out[i].PageSize = uint64(r.PageSize)
 		}
-		out[i] = m
 	}
 	return json.Marshal(out)
 }

@@ -30,6 +30,7 @@ type centry struct {
 	done       chan struct{} // closed when the load ends
 	refs       int           // readers holding buf
 	evicted    bool          // out of the map; buf goes to free when refs drops to 0
+	shared     bool          // buf was handed out by Cached: never reused (the GC frees it)
 	prev, next *centry
 }
 
@@ -117,7 +118,9 @@ func (c *cache) release(e *centry) {
 	e.refs--
 	if e.refs == 0 {
 		if e.evicted && e.buf != nil {
-			c.recycle(e.buf)
+			if !e.shared {
+				c.recycle(e.buf)
+			}
 			e.buf = nil
 		}
 		c.evict()
@@ -135,11 +138,37 @@ func (c *cache) evict() {
 			c.used -= int64(len(e.buf))
 			c.evictions++
 			e.evicted = true
-			c.recycle(e.buf)
+			if !e.shared {
+				c.recycle(e.buf)
+			}
 			e.buf = nil
 		}
 		e = prev
 	}
+}
+
+// peek returns chunk idx's bytes if it is loaded now, without loading or waiting, and marks
+// them shared: from then on its buffer is never reused for another chunk, so the slice stays
+// valid for as long as its holder keeps it.
+func (c *cache) peek(idx int) ([]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.m[idx]
+	if e == nil || e.buf == nil || e.evicted {
+		return nil, false
+	}
+	select {
+	case <-e.done:
+	default:
+		return nil, false // loading
+	}
+	e.shared = true
+	c.hits++
+	if e.prev != nil {
+		c.unlink(e)
+		c.pushFront(e)
+	}
+	return e.buf, true
 }
 
 func (c *cache) recycle(b []byte) {

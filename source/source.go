@@ -1,6 +1,8 @@
 package source
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 )
@@ -24,6 +26,34 @@ type Resident interface {
 	// until Close. off and n are within Size.
 	Bytes(off, n int64) []byte
 }
+
+// ContextReader is a Source whose reads can be cancelled: the engine passes a context that ends
+// when it stops (the VM went), so a slow remote read does not hold it up.
+type ContextReader interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// Cached is a Source of which some ranges are resident now and others not (a cache of
+// decompressed chunks, a local base under a remote diff): the engine installs the resident ones
+// straight from memory on the fault path and reads the rest off it.
+type Cached interface {
+	// Cached returns the image bytes [off, off+n) if all of them are resident now, else false.
+	// It must not block on I/O. The source never overwrites a slice it returned: the bytes stay
+	// valid for as long as the caller holds the slice.
+	Cached(off, n int64) ([]byte, bool)
+}
+
+// Extent is implemented by sources with a natural unit of reading, such as a compressed chunk:
+// the engine never lets one fault's window straddle two of them, so a fault costs one read.
+type Extent interface {
+	// Extent is the unit's size in bytes, a multiple of the page size; units start at offset 0.
+	Extent() int64
+}
+
+// ErrTransient marks a read error worth retrying (a timeout, a reset connection, a server asking
+// to slow down): the engine retries such a read with backoff before it gives up. Every other read
+// error is permanent.
+var ErrTransient = errors.New("source: transient read error")
 
 // Zeros is implemented by sources that know which runs of the image are all zero.
 type Zeros interface {

@@ -6,7 +6,9 @@
 // the child's threads touch the pages and time themselves. The same child, workload and source
 // are measured with the Go engine, with a minimal C handler (cref.c, compiled with the
 // machine's C compiler), and with bulk UFFDIO_COPY and no faults at all, so the numbers of one
-// run compare as ratios.
+// run compare as ratios. Beside the child's wall time per page, each case reports the CPU time
+// the serving process spent per page (user + system), so that a handler that spins shows what
+// its speed costs.
 package bench
 
 import (
@@ -35,6 +37,12 @@ var crefSource []byte
 
 // Case is one measurement.
 type Case struct {
+	// Name names the case in a suite; Baseline names the case of the same run it is compared
+	// with (ns/page over the baseline's), and Target is the ratio it should not exceed (0: none).
+	Name     string  `json:"name,omitempty"`
+	Baseline string  `json:"baseline,omitempty"`
+	Target   float64 `json:"target,omitempty"`
+
 	Handler     string `json:"handler"`      // "go", "c" or "bulk"
 	Size        int    `json:"size"`         // bytes of memory touched
 	Pattern     string `json:"pattern"`      // "seq" or "rand"
@@ -45,15 +53,23 @@ type Case struct {
 	Workers     int    `json:"workers"`      // Go engine workers
 	Spin        int    `json:"spin"`         // Go engine SpinReads
 	PollThread  bool   `json:"poll_thread"`  // Go engine PollThread
+	// Pin runs the serving process and the faulting child on one CPU (CPU 0 where allowed).
+	Pin bool `json:"pin,omitempty"`
 }
 
 // Result is a Case measured.
 type Result struct {
 	Case
-	NsPerPage      float64 `json:"ns_per_page"`
-	Pages          int     `json:"pages"`
-	Faults         uint64  `json:"faults"`
-	NsPerFault     float64 `json:"ns_per_fault,omitempty"`
+	NsPerPage float64 `json:"ns_per_page"`
+	// CPUNsPerPage is the serving process's CPU time (user + system) over the touch, per page:
+	// for the Go engine the whole process's (it runs in this one), for the C handler its own
+	// (wait4), for bulk the copying.
+	CPUNsPerPage float64 `json:"cpu_ns_per_page"`
+	Pages        int     `json:"pages"`
+	Faults       uint64  `json:"faults"`
+	NsPerFault   float64 `json:"ns_per_fault,omitempty"`
+	// P50Ns and P99Ns are the engine's install latency quantiles, estimated by interpolation
+	// within its histogram's power-of-two buckets.
 	P50Ns          int64   `json:"p50_ns,omitempty"`
 	P99Ns          int64   `json:"p99_ns,omitempty"`
 	EngineBytes    int64   `json:"engine_bytes,omitempty"`
@@ -64,17 +80,27 @@ type Result struct {
 	RatioTo string  `json:"ratio_to,omitempty"`
 }
 
-// Label names a result's case briefly, e.g. "c seq x1 k64".
-func (r Result) Label() string {
-	h := r.Handler
-	if r.Handler == "go" && r.Spin < 0 {
+// Label names a case: its Name, or briefly what it runs, e.g. "c seq x1 k64".
+func (c Case) Label() string {
+	if c.Name != "" {
+		return c.Name
+	}
+	h := c.Handler
+	if c.Handler == "go" && c.Spin < 0 {
 		h = "go(nospin)"
 	}
-	if r.FaultAround == 0 {
-		return fmt.Sprintf("%s %s x%d adaptive", h, r.Pattern, r.Threads)
+	l := fmt.Sprintf("%s %s x%d k%d", h, c.Pattern, c.Threads, c.FaultAround)
+	if c.FaultAround == 0 {
+		l = fmt.Sprintf("%s %s x%d adaptive", h, c.Pattern, c.Threads)
 	}
-	return fmt.Sprintf("%s %s x%d k%d", h, r.Pattern, r.Threads, r.FaultAround)
+	if c.Pin {
+		l += " pinned"
+	}
+	return l
 }
+
+// Met reports whether a result with a target is within it.
+func (r Result) Met() bool { return r.Target == 0 || (r.Ratio > 0 && r.Ratio <= r.Target) }
 
 // Env holds what the cases share: the snapshot file and the compiled C handler.
 type Env struct {
@@ -196,20 +222,56 @@ func (t *target) touch(c Case) (puppet.Reply, error) {
 }
 
 // Run measures one case.
-func (e *Env) Run(c Case) (Result, error) {
+func (e *Env) Run(c Case) (r Result, err error) {
 	if c.Size > e.size {
 		return Result{}, fmt.Errorf("bench: case size %d beyond the snapshot's %d", c.Size, e.size)
 	}
 	c.Threads = max(c.Threads, 1)
+	cpu := -1 // the CPU everything is pinned to, if the case pins
+	if c.Pin {
+		unpin, n, err := pinSelf()
+		if err != nil {
+			return Result{}, err
+		}
+		defer func() {
+			if uerr := unpin(); uerr != nil && err == nil {
+				err = uerr
+			}
+		}()
+		cpu = n
+	}
 	switch c.Handler {
 	case "go":
-		return e.runGo(c)
+		return e.runGo(c, cpu)
 	case "c":
-		return e.runC(c)
+		return e.runC(c, cpu)
 	case "bulk":
 		return e.runBulk(c)
 	}
 	return Result{}, fmt.Errorf("bench: unknown handler %q", c.Handler)
+}
+
+// checkPins, for a pinned case (cpu >= 0), makes sure that every thread of the given processes
+// ran pinned: one that escaped would make the case measure something else.
+func checkPins(cpu int, pids ...int) error {
+	if cpu < 0 {
+		return nil
+	}
+	for _, pid := range pids {
+		if err := checkPinned(pid, cpu); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// selfCPU is the CPU time (user + system) this process has used so far, all threads.
+func selfCPU() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func (e *Env) source(c Case) (source.Source, error) {
@@ -219,7 +281,7 @@ func (e *Env) source(c Case) (source.Source, error) {
 	return source.OpenFile(e.snapshot)
 }
 
-func (e *Env) runGo(c Case) (Result, error) {
+func (e *Env) runGo(c Case, cpu int) (Result, error) {
 	t, err := newTarget(c.Size)
 	if err != nil {
 		return Result{}, err
@@ -248,8 +310,13 @@ func (e *Env) runGo(c Case) (Result, error) {
 	errc := make(chan error, 1)
 	go func() { errc <- eng.Run(context.Background()) }()
 	runtime.ReadMemStats(&before)
+	cpu0 := selfCPU()
 	rep, err := t.touch(c)
+	used := selfCPU() - cpu0
 	runtime.ReadMemStats(&after)
+	if err == nil {
+		err = checkPins(cpu, os.Getpid(), t.p.Pid())
+	}
 	eng.Close()
 	if rerr := <-errc; rerr != nil && err == nil {
 		err = rerr
@@ -258,7 +325,8 @@ func (e *Env) runGo(c Case) (Result, error) {
 		return Result{}, err
 	}
 	st := eng.Stats()[0]
-	r := Result{Case: c, Pages: rep.Pages, NsPerPage: float64(rep.Ns) / float64(rep.Pages), Faults: st.Faults,
+	r := Result{Case: c, Pages: rep.Pages, NsPerPage: float64(rep.Ns) / float64(rep.Pages),
+		CPUNsPerPage: float64(used) / float64(rep.Pages), Faults: st.Faults,
 		P50Ns: int64(st.Latency.Quantile(0.5)), P99Ns: int64(st.Latency.Quantile(0.99)),
 		EngineBytes: engineBytes, Wrong: rep.Mismatch}
 	if st.Faults > 0 {
@@ -268,7 +336,7 @@ func (e *Env) runGo(c Case) (Result, error) {
 	return r, nil
 }
 
-func (e *Env) runC(c Case) (Result, error) {
+func (e *Env) runC(c Case, cpu int) (Result, error) {
 	if e.cref == "" {
 		return Result{}, fmt.Errorf("bench: C reference unavailable: %v", e.CrefErr)
 	}
@@ -297,20 +365,39 @@ func (e *Env) runC(c Case) (Result, error) {
 	if err := cmd.Start(); err != nil {
 		return Result{}, err
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+	waited := false
+	defer func() {
+		if !waited {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}()
+	// "ready N": N is the CPU time (ns) the handler used setting up, not counted below.
+	var setup int64
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if _, serr := fmt.Sscanf(line, "ready %d\n", &setup); err != nil || serr != nil {
 		return Result{}, fmt.Errorf("bench: C handler did not start: %q %v", line, err)
 	}
 	rep, err := t.touch(c)
+	if err == nil {
+		err = checkPins(cpu, cmd.Process.Pid, t.p.Pid())
+	}
 	if err != nil {
 		return Result{}, err
 	}
+	// The handler serves until killed; what it used in all (wait4's rusage) less its setup is
+	// what the faults cost it.
+	cmd.Process.Kill()
+	cmd.Wait()
+	waited = true
+	used := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime() - time.Duration(setup)
 	pages := rep.Pages
 	faults := uint64((pages + c.FaultAround - 1) / c.FaultAround)
 	if c.Pattern == "rand" {
 		faults = 0 // unknown: the C handler does not count
 	}
-	return Result{Case: c, Pages: pages, NsPerPage: float64(rep.Ns) / float64(pages), Faults: faults, Wrong: rep.Mismatch}, nil
+	return Result{Case: c, Pages: pages, NsPerPage: float64(rep.Ns) / float64(pages),
+		CPUNsPerPage: float64(used) / float64(pages), Faults: faults, Wrong: rep.Mismatch}, nil
 }
 
 // runBulk installs the whole region with UFFDIO_COPY in 2 MiB chunks before any touch: the
@@ -328,6 +415,7 @@ func (e *Env) runBulk(c Case) (Result, error) {
 	defer src.Close()
 	res := src.(source.Resident)
 	const chunk = 2 << 20
+	cpu0 := selfCPU()
 	start := time.Now()
 	for off := 0; off < c.Size; off += chunk {
 		n := min(chunk, c.Size-off)
@@ -337,13 +425,15 @@ func (e *Env) runBulk(c Case) (Result, error) {
 		}
 	}
 	ns := time.Since(start).Nanoseconds()
+	used := selfCPU() - cpu0
 	pages := c.Size / 4096
 	// Verify what landed (no faults now: every page is present).
 	rep, err := t.touch(c)
 	if err != nil {
 		return Result{}, err
 	}
-	return Result{Case: c, Pages: pages, NsPerPage: float64(ns) / float64(pages), Wrong: rep.Mismatch}, nil
+	return Result{Case: c, Pages: pages, NsPerPage: float64(ns) / float64(pages),
+		CPUNsPerPage: float64(used) / float64(pages), Wrong: rep.Mismatch}, nil
 }
 
 // writeSynced writes the snapshot and waits for it to reach the disk, so that writeback does not

@@ -27,17 +27,21 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		"passes the fd over a Unix socket (the Firecracker split); this process serves its faults.\n"+
 		"Each case runs with the Go engine and, where comparable, with a minimal C handler (built\n"+
 		"with cc) and bulk UFFDIO_COPY, so the ratios of one run are what to compare.\n"+
-		"Without --pattern, --threads or --fault-around it runs the standard suite.", stderr)
+		"Without --pattern, --threads or --fault-around it runs the standard suite: named cases,\n"+
+		"each printed as a ratio of ns/page against its named baseline with the target it has.\n"+
+		"CPU/PAGE is the serving process's CPU time (user + system) per page; P50 and P99 are the\n"+
+		"engine's latency quantiles, interpolated within power-of-two histogram buckets.", stderr)
 	size := fs.String("size", "256M", "memory touched per case (K, M, G suffixes)")
 	pattern := fs.String("pattern", "", "touch order: seq or rand (default: the suite)")
 	threads := fs.Int("threads", 0, "touching threads (default: the suite)")
 	around := fs.String("fault-around", "", "pages per fault, or 'adaptive' (default: the suite)")
-	maxAround := fs.Int("max-around", 256, "adaptive fault-around ceiling in pages")
+	maxAround := fs.Int("max-around", 512, "adaptive fault-around ceiling in pages (512 x 4 KiB = the engine's 2 MiB window cap, bulk's chunk)")
 	src := fs.String("source", "file", "source: file (a snapshot in the page cache) or mem")
 	handlers := fs.String("handler", "c,go", "handlers to compare: go, c, bulk")
 	workers := fs.Int("workers", 1, "engine workers")
 	spin := fs.Int("spin", 0, "engine read spins before parking")
 	pollThread := fs.Bool("poll-thread", false, "engine workers block in poll(2) on their own threads")
+	pin := fs.Bool("pin", false, "run this process and the faulting child on one CPU (CPU 0 where allowed)")
 	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
 	asJSON := fs.Bool("json", false, "print one JSON object per case")
 	if code, ok := parseFlags(fs, args); !ok {
@@ -49,7 +53,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	var cases []bench.Case
-	base := bench.Case{Size: sz, Source: *src, Workers: *workers, Spin: *spin, PollThread: *pollThread, MaxAround: *maxAround}
+	base := bench.Case{Size: sz, Source: *src, Workers: *workers, Spin: *spin, PollThread: *pollThread, MaxAround: *maxAround, Pin: *pin}
 	if *pattern == "" && *threads == 0 && *around == "" {
 		cases = bench.Suite(base)
 	} else {
@@ -93,15 +97,15 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "faultline bench: %d cases x %d reps (+1 warm-up), round-robin, %s each\n", len(cases), *reps, *size)
 	results, err := bench.RunAll(env, cases, *reps, func(i, rep int, r bench.Result) {
-		fmt.Fprintf(stderr, "  rep %d/%d  %-22s %9.0f ns/page\n", rep+1, *reps, r.Label(), r.NsPerPage)
+		fmt.Fprintf(stderr, "  rep %d/%d  %-24s %9.0f ns/page %9.0f cpu ns/page\n", rep+1, *reps, r.Label(), r.NsPerPage, r.CPUNsPerPage)
 	})
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline bench:", err)
 		return 1
 	}
-	const row = "%-9s %-7s %7s %-10s %-6s %9s %8s %9s %9s %12s  %s\n"
+	const row = "%-24s %-13s %-4s %3s %-10s %2s %9s %9s %7s %9s %9s %7s  %s\n"
 	if !*asJSON {
-		fmt.Fprintf(stdout, row, "HANDLER", "PATTERN", "THREADS", "AROUND", "SOURCE", "NS/PAGE", "FAULTS", "P50", "P99", "ALLOCS/FAULT", "RATIO")
+		fmt.Fprintf(stdout, row, "CASE", "HANDLER", "PAT", "THR", "AROUND", "WK", "NS/PAGE", "CPU/PAGE", "FAULTS", "P50~", "P99~", "ALLOC/F", "RATIO")
 	}
 	for _, r := range results {
 		c := r.Case
@@ -113,15 +117,24 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		vs := ""
 		if r.RatioTo != "" {
 			vs = fmt.Sprintf("%.2fx %s", r.Ratio, r.RatioTo)
+			if c.Target > 0 {
+				verdict := "met"
+				if !r.Met() {
+					verdict = "MISSED"
+				}
+				vs += fmt.Sprintf(" (target <= %.2fx: %s)", c.Target, verdict)
+			}
 		}
 		aroundS := strconv.Itoa(c.FaultAround)
 		if c.FaultAround == 0 {
 			aroundS = fmt.Sprintf("adapt<=%d", c.MaxAround)
 		}
-		p50, p99, allocs := "-", "-", "-"
+		p50, p99, allocs, wk := "-", "-", "-", "-"
 		if c.Handler == "go" {
-			p50, p99 = time.Duration(r.P50Ns).String(), time.Duration(r.P99Ns).String()
+			p50 = time.Duration(r.P50Ns).Round(100 * time.Nanosecond).String()
+			p99 = time.Duration(r.P99Ns).Round(100 * time.Nanosecond).String()
 			allocs = fmt.Sprintf("%.3f", r.AllocsPerFault)
+			wk = strconv.Itoa(max(c.Workers, 1))
 		}
 		faults := "-"
 		if r.Faults > 0 {
@@ -131,8 +144,11 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		if h == "go" && c.Spin < 0 {
 			h = "go-nospin"
 		}
-		fmt.Fprintf(stdout, row, h, c.Pattern, strconv.Itoa(c.Threads), aroundS, c.Source,
-			fmt.Sprintf("%.0f", r.NsPerPage), faults, p50, p99, allocs, vs)
+		if c.Pin {
+			h += "/pin"
+		}
+		fmt.Fprintf(stdout, row, r.Label(), h, c.Pattern, strconv.Itoa(c.Threads), aroundS, wk,
+			fmt.Sprintf("%.0f", r.NsPerPage), fmt.Sprintf("%.0f", r.CPUNsPerPage), faults, p50, p99, allocs, vs)
 	}
 	return 0
 }

@@ -35,13 +35,20 @@ func init() {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("serve", "--socket PATH --mem-file PATH [flags]\n\n"+
+	fs := newFlagSet("serve", "--socket PATH (--mem-file PATH | --snapshot DIR) [flags]\n\n"+
 		"Serve listens on a Unix socket for Firecracker's UFFD handshake (snapshot load with\n"+
 		"\"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": PATH}) and serves every VM that\n"+
-		"connects from the memory snapshot file, until SIGINT/SIGTERM: the first signal stops\n"+
-		"accepting and serves live VMs until they exit; a second one exits at once.", stderr)
+		"connects from the memory snapshot file or packed snapshot directory (faultline pack), until\n"+
+		"SIGINT/SIGTERM: the first signal stops accepting and serves live VMs until they exit; a\n"+
+		"second one exits at once. With --record it stores the working set of the VMs it serves in\n"+
+		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
-	memFile := fs.String("mem-file", "", "memory snapshot file (required)")
+	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
+	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G)")
+	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
+	recordWindow := fs.Duration("record-window", 0, "record only this long after each VM's handshake (0: until the VM ends)")
+	noPrefetch := fs.Bool("no-prefetch", false, "do not prefetch --snapshot's working set")
 	group := fs.String("socket-group", "", "make the socket 0660 and owned by this group (name or gid); default 0600")
 	allow := fs.String("allow-uid", "", "comma-separated uids allowed to connect (default: any)")
 	onFailure := fs.String("on-failure", "kill", "what to do with a VM that cannot be served: kill (SIGKILL the VMM) or log")
@@ -57,14 +64,23 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	if *socket == "" || *memFile == "" || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "faultline serve: --socket and --mem-file are required, and nothing else")
+	if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
+		fmt.Fprintln(stderr, "faultline serve: --socket and one of --mem-file or --snapshot are required, and nothing else")
 		fs.Usage()
 		return 2
 	}
-	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, OnFailure: daemon.Policy(*onFailure),
-		MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes}
-	var err error
+	if *record && *snapDir == "" {
+		fmt.Fprintln(stderr, "faultline serve: --record needs --snapshot (a packed snapshot to store the working set in)")
+		return 2
+	}
+	cache, err := parseSize(*cacheSize)
+	if err != nil || cache <= 0 {
+		fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
+		return 2
+	}
+	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, Snapshot: *snapDir, CacheSize: int64(cache),
+		Record: *record, RecordWindow: *recordWindow, NoPrefetch: *noPrefetch,
+		OnFailure: daemon.Policy(*onFailure), MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes}
 	if cfg.Engine.FaultAround, err = parseAround(*around, *maxAround); err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 2

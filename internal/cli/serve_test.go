@@ -4,6 +4,7 @@ package cli
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -168,8 +169,17 @@ func TestServeSecondSignalExits(t *testing.T) {
 
 func TestServeUsage(t *testing.T) {
 	var out lockedBuffer
-	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and --mem-file are required") {
+	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and one of --mem-file or --snapshot are required") {
 		t.Fatalf("exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--snapshot", "/d"}, io.Discard, &out); c != 2 {
+		t.Fatalf("both --mem-file and --snapshot: exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--record"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--record needs --snapshot") {
+		t.Fatalf("--record with --mem-file: exit %d: %s", c, out.String())
+	}
+	if c := Run([]string{"serve", "--socket", "/x", "--snapshot", t.TempDir()}, io.Discard, &out); c != 1 || !strings.Contains(out.String(), "not a snapshot") {
+		t.Fatalf("a directory that is no snapshot: exit %d: %s", c, out.String())
 	}
 	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/nonexistent"}, io.Discard, &out); c != 1 || !strings.Contains(out.String(), "memory file") {
 		t.Fatalf("missing file: exit %d: %s", c, out.String())
@@ -182,10 +192,24 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo exit %d:\n%s", c, out.String())
 	}
 	s := out.String()
-	for _, want := range []string{"0 wrong", "the VM exits", "page faults", "zero pages (after the balloon)"} {
+	for _, want := range []string{"0 wrong", "the VM exits", "page faults", "zero pages (after the balloon)", "restore with the working set prefetched"} {
 		if !strings.Contains(s, want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, s)
 		}
+	}
+	// The prefetched restore takes far fewer faults than the recording one.
+	var recPages, recFaults, prePages, preFaults, prefetched int
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "restore with --record") {
+			fmt.Sscanf(l[46:], "%d %d", &recPages, &recFaults)
+		}
+		if strings.HasPrefix(l, "restore with the working set prefetched") {
+			fmt.Sscanf(l[46:], "%d %d %d", &prePages, &preFaults, &prefetched)
+		}
+	}
+	if recFaults == 0 || prefetched == 0 || preFaults > recFaults/10 || prePages != recPages {
+		t.Fatalf("record: %d pages, %d faults; prefetch: %d pages, %d faults, %d prefetched; want a tenth of the faults:\n%s",
+			recPages, recFaults, prePages, preFaults, prefetched, s)
 	}
 	if strings.Contains(s, "wrong\n") && regexp.MustCompile(`[1-9]\d* wrong`).MatchString(s) {
 		t.Fatalf("demo reports wrong pages:\n%s", s)

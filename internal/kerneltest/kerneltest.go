@@ -57,3 +57,21 @@ func HugePages(t testing.TB, n int) {
 		Require(t, "could not reserve "+strconv.Itoa(n)+" free hugepages (memory fragmented?)")
 	}
 }
+
+// OpenFDs maps this process's open fds to what they point to (readlink of /proc/self/fd/N),
+// for tests that check nothing leaks. Compare sets, not counts: an fd of an earlier test (a
+// puppet's control socket) may close meanwhile and hide a leaked one from a count.
+func OpenFDs(t testing.TB) map[string]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, e := range ents {
+		if link, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
+			m[e.Name()] = link // the fd ReadDir itself used is gone by now
+		}
+	}
+	return m
+}

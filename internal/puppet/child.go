@@ -115,6 +115,10 @@ func (c *child) currentUffd() *uffd.FD {
 	return c.uffd
 }
 
+// area returns a copy of area id, taken under c.mu: commands run concurrently (a touch blocked
+// on a fault while another command moves the area), and an mremap replaces the stored mapping
+// with setMem, so no command reads a field that another may be writing. A command sees the area
+// as it was when it began, as a VMM thread that loaded the address before the move would.
 func (c *child) area(id int) (*memory.Area, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -122,7 +126,15 @@ func (c *child) area(id int) (*memory.Area, error) {
 	if a == nil {
 		return nil, fmt.Errorf("no area %d", id)
 	}
-	return a, nil
+	cp := *a
+	return &cp, nil
+}
+
+// setMem records that area id now lives at mem (after an mremap).
+func (c *child) setMem(id int, mem []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.areas[id].Mem = mem
 }
 
 func (c *child) do(r *Request) (rep Reply, fds []int) {
@@ -247,7 +259,7 @@ func (c *child) do(r *Request) (rep Reply, fds []int) {
 		if err != nil {
 			return fail(err)
 		}
-		return c.mremap(a, r)
+		return c.mremap(r.Area, a)
 	case "munmap":
 		a, err := c.area(r.Area)
 		if err != nil {
@@ -417,7 +429,7 @@ func check(page []byte, off int, r *Request) int {
 	return -1
 }
 
-func (c *child) mremap(a *memory.Area, _ *Request) (Reply, []int) {
+func (c *child) mremap(id int, a *memory.Area) (Reply, []int) {
 	// Reserve a fresh place of the same size and move the area there, so it always moves.
 	dst, err := unix.MmapPtr(-1, 0, nil, uintptr(len(a.Mem)), unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
@@ -427,7 +439,7 @@ func (c *child) mremap(a *memory.Area, _ *Request) (Reply, []int) {
 	if err != nil {
 		return Reply{Err: fmt.Sprintf("mremap: %v", err)}, nil
 	}
-	a.Mem = unsafe.Slice((*byte)(na), len(a.Mem))
+	c.setMem(id, unsafe.Slice((*byte)(na), len(a.Mem)))
 	return Reply{Addr: uint64(uintptr(na))}, nil
 }
 

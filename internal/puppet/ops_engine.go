@@ -290,9 +290,7 @@ func engMremap(c *child, r *Request) (Reply, []int) {
 	if tail := ps - head; tail > 0 {
 		unix.MunmapPtr(unsafe.Add(dst, size), tail)
 	}
-	c.mu.Lock()
-	a.Mem = unsafe.Slice((*byte)(na), len(a.Mem))
-	c.mu.Unlock()
+	c.setMem(r.Area, unsafe.Slice((*byte)(na), len(a.Mem)))
 	return Reply{Addr: uint64(uintptr(na))}, nil
 }
 

@@ -2,7 +2,8 @@
 
 package puppet
 
-// Child side of the uffd-stress port (uffd/stress_test.go, kernel-abi.md §4.3). The child owns
+// Child side of the uffd-stress port (uffd/stress_test.go; the kernel selftest is
+// tools/testing/selftests/mm/uffd-stress.c). The child owns
 // two areas of one memory kind, src and dst, and the count_verify array; it registers dst, runs
 // the locking threads that fault on dst, and checks the counters. The parent serves the faults.
 //

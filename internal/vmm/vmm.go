@@ -95,8 +95,22 @@ func Start(o Options) (*VMM, error) {
 		p.Kill()
 		return nil, fmt.Errorf("vmm: handshake: %w", err)
 	}
+	// Firecracker's VMM thread faults guest memory itself within PUT /snapshot/load, a few ms
+	// after the handshake and before the load returns (v1.14.2: a write fault): the handler must
+	// serve at once. A read of the first page here plays it without changing the pattern.
+	c, err := p.Go(puppet.Request{Op: "touch", Area: v.Regions[0].Area, Len: v.Regions[0].PageSize, Threads: 1})
+	if err == nil {
+		_, _, err = c.Wait(loadFaultTimeout)
+	}
+	if err != nil {
+		p.Kill()
+		return nil, fmt.Errorf("vmm: the load's fault was not served: %w", err)
+	}
 	return v, nil
 }
+
+// loadFaultTimeout bounds the wait for the load's own fault to be served.
+const loadFaultTimeout = time.Minute
 
 // Pid is the VMM's process id.
 func (v *VMM) Pid() int { return v.p.Pid() }

@@ -1,0 +1,119 @@
+//go:build linux
+
+package engine_test
+
+import (
+	"context"
+	"io"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/memory"
+	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/source"
+	"github.com/faultline-go/faultline/uffd"
+)
+
+// runsOf turns image pages (in order) into runs of contiguous pages with their bytes from src.
+func runsOf(src *source.Memory, pages []uint64, ps int) func() (engine.PageRun, error) {
+	i := 0
+	return func() (engine.PageRun, error) {
+		if i >= len(pages) {
+			return engine.PageRun{}, io.EOF
+		}
+		j := i + 1
+		for j < len(pages) && pages[j] == pages[j-1]+1 {
+			j++
+		}
+		off, n := int64(pages[i])*int64(ps), int64(j-i)*int64(ps)
+		i = j
+		return engine.PageRun{Off: off, Len: n, Data: src.Bytes(off, n)}, nil
+	}
+}
+
+// Record the pages a workload touches first, then prefetch them into a fresh VM before the same
+// workload runs: it takes (almost) no faults, and every byte is right. Pages the VM released
+// before the prefetch are left alone (they read zero), and pages installed by fault-around are
+// not recorded as touched.
+func TestRecordThenPrefetch(t *testing.T) {
+	for _, k := range []memory.Kind{memory.Anon, memory.Shmem, memory.Hugetlb} {
+		t.Run(k.String(), func(t *testing.T) {
+			const seed = 41
+			size := 4 << 20
+			if k.Huge() {
+				size = 64 << 20
+			}
+			// Run 1: record. Every 4th page of the first half, in random order, from one
+			// thread; fault-around of 2 installs a neighbour that is not touched.
+			v1 := newVM(t, k, size, 0, uffd.ModeMissing)
+			ps := v1.pageSize
+			n := size / ps
+			src := patternSource(t, size, seed)
+			e1, stop1 := serveLogged(t, v1, []engine.Region{v1.region(src)}, engine.Options{Record: true, FaultAround: engine.FaultAround{Min: 2, Max: 2}})
+			rep := v1.do(puppet.Request{Op: "touch", Order: "rand", Len: n / 2 * ps, Stride: 4 * ps, Seed: seed})
+			if rep.Sigbus != 0 {
+				t.Fatalf("run 1: %d signals", rep.Sigbus)
+			}
+			rec := e1.Recorded()
+			if err := stop1(); err != nil {
+				t.Fatalf("run 1: %v", err)
+			}
+			want := n / 2 / 4
+			sorted := slices.Clone(rec)
+			slices.Sort(sorted)
+			if len(rec) != want || len(slices.Compact(sorted)) != want {
+				t.Fatalf("recorded %d pages (%d distinct), want %d", len(rec), len(slices.Compact(slices.Clone(sorted))), want)
+			}
+			for _, p := range rec {
+				if p%4 != 0 || p >= uint64(n/2) {
+					t.Fatalf("recorded page %d, which the workload did not touch first (only fault-around put it in)", p)
+				}
+			}
+			faults1 := e1.Stats()[0].Missing
+
+			// Run 2: a fresh VM releases a few of the pages, then gets the recording
+			// prefetched before the same workload runs.
+			v2 := newVM(t, k, size, uffd.FeatureEventRemove, uffd.ModeMissing)
+			e2, stop2 := serveLogged(t, v2, []engine.Region{v2.region(src)}, engine.Options{FaultAround: engine.FaultAround{Min: 2, Max: 2}})
+			released := 8
+			if k.Huge() {
+				released = 2
+			}
+			var zero pageSet
+			zero.add(0, released)
+			v2.do(puppet.Request{Op: "release", Off: 0, Len: released * ps})
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			pst, err := e2.Prefetch(ctx, runsOf(src, rec, ps))
+			if err != nil {
+				t.Fatalf("Prefetch: %v", err)
+			}
+			removed := 0
+			for _, p := range rec {
+				if p < uint64(released) {
+					removed++
+				}
+			}
+			if pst.Pages != uint64(want-removed) || pst.Skipped != uint64(removed) {
+				t.Errorf("prefetched %d pages, skipped %d; want %d and %d", pst.Pages, pst.Skipped, want-removed, removed)
+			}
+			rep = v2.do(puppet.Request{Op: "touch", Order: "rand", Len: n / 2 * ps, Stride: 4 * ps, Seed: seed})
+			faults2 := e2.Stats()[0].Missing
+			// Every byte: the released pages read zero, the rest the pattern.
+			v2.touch(0, n, seed, zero, 0)
+			if err := stop2(); err != nil {
+				t.Fatalf("run 2: %v", err)
+			}
+			t.Logf("faults: %d recording, %d after prefetching %d pages (%d skipped) in %v", faults1, faults2, pst.Pages, pst.Skipped, pst.Duration)
+			// The released pages the workload touches fault (for zeros); the rest must not.
+			if faults2 > uint64(removed)+faults1/10 {
+				t.Errorf("%d faults after the prefetch, want at most %d (released) + a tenth of the %d without", faults2, removed, faults1)
+			}
+			if st := e2.Stats()[0]; st.PagesPrefetched != pst.Pages {
+				t.Errorf("Stats.PagesPrefetched = %d, want %d", st.PagesPrefetched, pst.Pages)
+			}
+		})
+	}
+}
