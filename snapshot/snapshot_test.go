@@ -606,3 +606,22 @@ func TestCacheConcurrent(t *testing.T) {
 		t.Errorf("%+v: want evictions and at most 2 MiB held", st)
 	}
 }
+
+// A read served from the cache allocates nothing: it is on the fault path.
+func TestReadAtCachedAllocs(t *testing.T) {
+	img := sample(t, 4<<20, 71)
+	img[100] = 1
+	dir := pack(t, img, PackOptions{})
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	p := make([]byte, 4096)
+	if _, err := s.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if a := testing.AllocsPerRun(100, func() { s.ReadAt(p, 0) }); a != 0 {
+		t.Errorf("%v allocations per cached ReadAt", a)
+	}
+}

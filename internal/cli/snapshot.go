@@ -104,8 +104,8 @@ func snapshotInspect(dir string, stdout, stderr io.Writer) int {
 	if in.Store == "" {
 		fmt.Fprintf(tw, "chunks\tin %s/%s\n", dir, snapshot.ChunksDir)
 	} else {
-		fmt.Fprintf(tw, "store\t%s: %d of %d chunk files shared with %d other snapshots\n",
-			in.Store, in.SharedInStore, in.Files, in.StoreSnapshots)
+		fmt.Fprintf(tw, "store\t%s: %d of %d chunk files shared with %d other %s\n",
+			in.Store, in.SharedInStore, in.Files, in.StoreSnapshots, map[bool]string{true: "snapshot", false: "snapshots"}[in.StoreSnapshots == 1])
 	}
 	if in.Base != "" {
 		if in.SharedWithBase < 0 {

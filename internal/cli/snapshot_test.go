@@ -160,7 +160,7 @@ func TestPackDiffAndStore(t *testing.T) {
 		}
 	}
 	code, o, _ = run("snapshot", "inspect", filepath.Join(tmp, "b"))
-	if code != 0 || !regexp.MustCompile(`(?m)^store +\S+: (\d+) of (\d+) chunk files shared with 1 other snapshots$`).MatchString(o) {
+	if code != 0 || !regexp.MustCompile(`(?m)^store +\S+: (\d+) of (\d+) chunk files shared with 1 other snapshot$`).MatchString(o) {
 		t.Errorf("inspect in a store:\n%s", o)
 	}
 }
