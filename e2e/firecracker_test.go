@@ -34,6 +34,7 @@ func TestRealFirecracker(t *testing.T) {
 	t.Run("memory_file_truncated_vm_killed", testTruncated)
 	t.Run("three_vms_one_daemon", testSeveral)
 	t.Run("packed_record_then_prefetch", testPackedPrefetch)
+	t.Run("diff_snapshot_over_base", testDiff)
 }
 
 // endVM kills Firecracker with SIGKILL and returns the daemon's report of the VM, which must
@@ -457,4 +458,46 @@ func testPackedPrefetch(t *testing.T) {
 func lastLine(s string) string {
 	ls := strings.Split(strings.TrimSpace(s), "\n")
 	return ls[len(ls)-1]
+}
+
+// A Diff snapshot (track_dirty_pages; only the pages dirtied since the Full snapshot are data in
+// its sparse memory file) packed over the Full one's packed snapshot (faultline pack --base) and
+// restored from it: the guest's pattern verifies and its pass numbers continue the Diff's.
+func testDiff(t *testing.T) {
+	if env.diffErr != nil {
+		t.Fatalf("the Diff snapshot could not be taken: %v", env.diffErr)
+	}
+	base := filepath.Join(baseDir, "diff-base")
+	diff := filepath.Join(baseDir, "diff-packed")
+	for _, args := range [][]string{
+		{"pack", "--mem-file", env.snapMem, "--out", base},
+		{"pack", "--mem-file", env.diffMem, "--base", base, "--out", diff},
+	} {
+		out, err := exec.Command(env.faultline, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("faultline %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		t.Logf("faultline %s: %s", strings.Join(args[:len(args)-2], " "), lastLine(string(out)))
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(env.diffMem, &st); err == nil {
+		t.Logf("diff memory file: %d bytes long, %d bytes allocated (sparse)", st.Size, st.Blocks*512)
+	}
+	d := startServe(t, "--snapshot", diff)
+	f, err := startFirecracker(t, d.dir, "vm-diff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), apiTimeout)
+	defer cancel()
+	if err := f.api.LoadSnapshot(ctx, fcapi.SnapshotLoad{SnapshotPath: env.diffState,
+		MemBackend: fcapi.MemBackend{BackendType: "Uffd", BackendPath: d.socket}, ResumeVM: true}); err != nil {
+		t.Fatalf("snapshot/load of the Diff: %v\n%s\ndaemon:\n%s", err, f.tail(), d.log.String())
+	}
+	verify(t, f, 0, 3)
+	if p := f.console.lastPass(); p <= env.diffPass {
+		t.Errorf("pass %d after restoring the Diff, want more than its %d", p, env.diffPass)
+	}
+	logConsole(t, f, 4)
+	endVM(t, d, f)
 }

@@ -53,6 +53,11 @@ var (
 		faultline                        string // the built binary
 		snapState, snapMem               string // the shared Full snapshot
 		lastPass                         int    // the guest's last VERIFY-OK pass before the snapshot
+		// A Diff snapshot taken after the Full one (the guest resumed, ran a verify pass,
+		// paused again), or why it could not be taken.
+		diffState, diffMem string
+		diffPass           int
+		diffErr            error
 	}
 )
 
@@ -126,7 +131,8 @@ func doSetup(t *testing.T) (skip string, err error) {
 				BootArgs: fmt.Sprintf("%s memtest_mib=%d", bootArgs, memtestMiB)})
 		},
 		func() error {
-			return vm.api.PutMachineConfig(ctx, fcapi.MachineConfig{VcpuCount: 1, MemSizeMib: guestMemMiB})
+			// Dirty pages tracked, for the Diff snapshot taken after the Full one.
+			return vm.api.PutMachineConfig(ctx, fcapi.MachineConfig{VcpuCount: 1, MemSizeMib: guestMemMiB, TrackDirtyPages: true})
 		},
 		// A balloon device at 0 MiB, for the balloon case of the restored VMs.
 		func() error {
@@ -163,7 +169,33 @@ func doSetup(t *testing.T) (skip string, err error) {
 	for _, l := range vm.console.matching(reGuest) {
 		t.Logf("  boot| %s", l)
 	}
+	env.diffErr = takeDiff(ctx, t, vm)
 	return "", nil
+}
+
+// takeDiff resumes the booted VM after its Full snapshot, lets the guest run one more verify
+// pass, pauses it and takes a Diff snapshot: a sparse memory file holding only the pages
+// dirtied since the Full one.
+func takeDiff(ctx context.Context, t *testing.T, vm *fcProc) error {
+	from := len(vm.console.matching(reVerifyOK))
+	if err := vm.api.Resume(ctx); err != nil {
+		return fmt.Errorf("resume after the Full snapshot: %w", err)
+	}
+	if _, err := vm.console.waitVerify(0, from+2, guestTimeout); err != nil {
+		return fmt.Errorf("verify passes after the Full snapshot: %w", err)
+	}
+	if err := vm.api.Pause(ctx); err != nil {
+		return err
+	}
+	env.diffPass = vm.console.lastPass()
+	env.diffState = filepath.Join(baseDir, "diff.state")
+	env.diffMem = filepath.Join(baseDir, "diff.mem")
+	t0 := time.Now()
+	if err := vm.api.CreateSnapshot(ctx, fcapi.SnapshotCreate{SnapshotType: "Diff", SnapshotPath: env.diffState, MemFilePath: env.diffMem}); err != nil {
+		return fmt.Errorf("Diff snapshot: %w", err)
+	}
+	t.Logf("shared VM: Diff snapshot in %v (last pass before it: %d)", time.Since(t0).Round(time.Millisecond), env.diffPass)
+	return nil
 }
 
 var (
