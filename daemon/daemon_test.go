@@ -110,9 +110,14 @@ func (f *fixture) report() daemon.Report {
 // threads: every byte right, then the VM exits and the daemon releases it.
 func TestServeEveryVersion(t *testing.T) {
 	mem := snapshot(t, 24<<20)
+	serveEveryVersion(t, func(t *testing.T) *fixture { return start(t, mem, nil) })
+}
+
+// serveEveryVersion runs the every-version case against the daemons start makes.
+func serveEveryVersion(t *testing.T, start func(*testing.T) *fixture) {
 	for _, v := range []firecracker.Version{firecracker.V1_1, firecracker.V1_7, firecracker.V1_12} {
 		t.Run(v.String(), func(t *testing.T) {
-			f := start(t, mem, nil)
+			f := start(t)
 			m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Version: v,
 				Regions: []vmm.Region{{Size: 16 << 20, FileOffset: 0}, {Size: 8 << 20, FileOffset: 16 << 20}}})
 			if err != nil {

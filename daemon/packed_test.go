@@ -13,7 +13,6 @@ import (
 	"testing"
 
 	"github.com/faultline-go/faultline/daemon"
-	"github.com/faultline-go/faultline/firecracker"
 	"github.com/faultline-go/faultline/internal/vmm"
 	snap "github.com/faultline-go/faultline/snapshot"
 )
@@ -41,30 +40,7 @@ func startPacked(t *testing.T, dir string, mod func(*daemon.Config)) *fixture {
 // does: every byte right (the chunks decompressed and verified), then the VM exits.
 func TestPackedEveryVersion(t *testing.T) {
 	dir := packed(t, 24<<20)
-	for _, v := range []firecracker.Version{firecracker.V1_1, firecracker.V1_7, firecracker.V1_12} {
-		t.Run(v.String(), func(t *testing.T) {
-			f := startPacked(t, dir, nil)
-			m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Version: v,
-				Regions: []vmm.Region{{Size: 16 << 20, FileOffset: 0}, {Size: 8 << 20, FileOffset: 16 << 20}}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := m.Touch(4, "rand", seed, false)
-			if err != nil {
-				m.Kill()
-				t.Fatal(err)
-			}
-			if got.Wrong != 0 || got.Pages != 6144 {
-				t.Fatalf("touched %d pages, %d wrong", got.Pages, got.Wrong)
-			}
-			if err := m.Exit(); err != nil {
-				t.Fatal(err)
-			}
-			if r := f.report(); r.Pages < 6144 || r.Failure != "" {
-				t.Fatalf("report %+v", r)
-			}
-		})
-	}
+	serveEveryVersion(t, func(t *testing.T) *fixture { return startPacked(t, dir, nil) })
 }
 
 // serve --record, then serve with the recorded working set: the second VM's working set is

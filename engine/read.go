@@ -142,25 +142,11 @@ func (r *reader) wait() error {
 
 // look reads a batch if one is pending, without blocking and without waiting for the lock.
 func (r *reader) look() bool {
-	e := r.e
-	if !e.mu.TryLock() {
+	if !r.e.mu.TryLock() {
 		return r.tryRead() // installers at work: ask poll(2) first, then wait for the lock
 	}
-	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
-	n, err := unix.Read(e.fd.Fd(), buf)
-	if err != nil {
-		e.mu.Unlock()
-		if err != unix.EAGAIN && err != unix.EINTR {
-			r.readErr = fmt.Errorf("engine: read userfaultfd: %w", err)
-			return true
-		}
-		return false
-	}
-	r.n = n / uffd.MsgSize
-	r.at = time.Now()
-	r.readErr = r.applyEvents()
-	e.mu.Unlock()
-	return true
+	got, _ := r.readHeld(uintptr(r.e.fd.Fd()))
+	return got
 }
 
 // pollWait waits for messages in poll(2) on this goroutine's own thread, then reads a batch.
@@ -186,34 +172,43 @@ func (r *reader) pollWait() error {
 // readLocked reads one batch under the exclusive lock and applies its events before releasing
 // it. It returns false when nothing was pending (the netpoller then parks the reader).
 func (r *reader) readLocked(fd uintptr) bool {
-	e := r.e
-	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
 	for {
-		if e.stopping.Load() {
+		if r.e.stopping.Load() {
 			r.n = 0
 			return true
 		}
-		e.mu.Lock()
-		n, err := unix.Read(int(fd), buf)
-		switch err {
-		case nil:
-		case unix.EAGAIN:
-			e.mu.Unlock()
-			return false
-		case unix.EINTR:
-			e.mu.Unlock()
-			continue
-		default:
-			e.mu.Unlock()
-			r.n, r.readErr = 0, fmt.Errorf("engine: read userfaultfd: %w", err)
-			return true
+		r.e.mu.Lock()
+		if got, again := r.readHeld(fd); !again {
+			return got
 		}
-		r.n = n / uffd.MsgSize
-		r.at = time.Now()
-		r.readErr = r.applyEvents()
-		e.mu.Unlock()
-		return true
 	}
+}
+
+// readHeld reads one batch with e.mu held exclusively, applies its events and releases the
+// lock. It reports whether it read a batch (or failed: r.readErr), and whether to try again
+// (EINTR).
+func (r *reader) readHeld(fd uintptr) (got, again bool) {
+	e := r.e
+	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
+	n, err := unix.Read(int(fd), buf)
+	switch err {
+	case nil:
+	case unix.EAGAIN:
+		e.mu.Unlock()
+		return false, false
+	case unix.EINTR:
+		e.mu.Unlock()
+		return false, true
+	default:
+		e.mu.Unlock()
+		r.n, r.readErr = 0, fmt.Errorf("engine: read userfaultfd: %w", err)
+		return true, false
+	}
+	r.n = n / uffd.MsgSize
+	r.at = time.Now()
+	r.readErr = r.applyEvents()
+	e.mu.Unlock()
+	return true, false
 }
 
 // applyEvents applies the batch's non-fault events; the caller holds e.mu exclusively. A FORK
