@@ -380,3 +380,53 @@ func TestHelpersShareLargeBatches(t *testing.T) {
 		t.Errorf("%d pages installed, %d errors; want %d and 0", st.Pages(), st.Errors, v.size/v.pageSize)
 	}
 }
+
+// The FORK event's child engine is set up, and OnFork called, without the engine's exclusive
+// lock: here OnFork waits until a fetch in flight for the parent installs its page (under the
+// shared lock). Before the fix OnFork ran under the exclusive lock, the install waited for it,
+// and it for the install: a fault served by nobody, for good.
+func TestOnForkOutsideTheLock(t *testing.T) {
+	const seed = 39
+	v := newVM(t, memory.Anon, 1<<20, uffd.FeatureEventFork, uffd.ModeMissing)
+	ps := v.pageSize
+	full := patternSource(t, v.size, seed)
+	src := newGatedSource(source.NewMemory(full.Bytes(0, int64(v.size))))
+	src.slowFrom, src.slowTo = 0, int64(ps)
+	defer src.open()
+	installed := make(chan struct{})
+	var onForkErr atomic.Value
+	e, stop := serveLogged(t, v, []engine.Region{v.region(src)}, engine.Options{OnFork: func(c *engine.Engine) {
+		src.open() // the fetch may install now
+		select {
+		case <-installed:
+		case <-time.After(10 * time.Second):
+			onForkErr.Store("the parent's fetch could not install while OnFork ran")
+		}
+	}})
+	// The parent faults on page 0; its fetch waits at the gate.
+	read := v.start(puppet.Request{Op: "eng-touch", Off: 0, Len: ps, Seed: seed, Ints: []int64{1}})
+	src.waitEntered(t)
+	go func() {
+		if rep, _, err := read.Wait(20 * time.Second); err == nil && rep.Mismatch == 0 {
+			close(installed)
+		}
+	}()
+	// A fork (whose child reads nothing): OnFork runs, opens the gate, and waits for the install.
+	if _, _, err := v.start(puppet.Request{Op: "fork", Len: 0, Stride: ps}).Wait(30 * time.Second); err != nil {
+		t.Fatalf("fork: %v", err)
+	}
+	if msg := onForkErr.Load(); msg != nil {
+		t.Fatal(msg)
+	}
+	select {
+	case <-installed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the parent's faulting thread was never served")
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if got := e.Installed()["mem"]; got != 1 {
+		t.Errorf("%d pages installed, want 1", got)
+	}
+}

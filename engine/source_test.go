@@ -158,6 +158,12 @@ func TestSparseFileSource(t *testing.T) {
 			if st.PagesZero != wantZero || st.Bytes != wantBytes {
 				t.Errorf("%d zero pages and %d bytes copied, want %d and %d", st.PagesZero, st.Bytes, wantZero, wantBytes)
 			}
+			// The causes partition the pages installed: each page once, under one cause
+			// (before, a zero page counted as a faulted or fault-around page as well).
+			if sum, all := st.PagesFault+st.PagesAround+st.PagesZero+st.PagesPrefetched, uint64(size/v.pageSize); sum != all {
+				t.Errorf("pages by cause: %d faulted + %d around + %d zero + %d prefetched = %d, want the %d installed",
+					st.PagesFault, st.PagesAround, st.PagesZero, st.PagesPrefetched, sum, all)
+			}
 		})
 	}
 }
