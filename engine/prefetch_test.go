@@ -117,3 +117,44 @@ func TestRecordThenPrefetch(t *testing.T) {
 		})
 	}
 }
+
+// A REMOVE while a prefetch runs: pages released before the prefetch reaches them are left
+// alone, and every released page reads zero afterwards — never the source bytes the prefetch
+// carried — whether the prefetch installed it before the release (the madvise then zaps it) or
+// not.
+func TestRemoveDuringPrefetch(t *testing.T) {
+	const seed = 42
+	v := newVM(t, memory.Anon, 4<<20, uffd.FeatureEventRemove, uffd.ModeMissing)
+	ps := v.pageSize
+	n := v.size / ps
+	src := patternSource(t, v.size, seed)
+	e, stop := serveLogged(t, v, []engine.Region{v.region(src)}, engine.Options{})
+	// The working set: every page, in 64 runs of 16; after the first run, half the image
+	// (pages [n/4, 3n/4)) is released by the VM.
+	var zero pageSet
+	zero.add(n/4, 3*n/4)
+	next, runs := 0, 0
+	pst, err := e.Prefetch(context.Background(), func() (engine.PageRun, error) {
+		if next >= n {
+			return engine.PageRun{}, io.EOF
+		}
+		if runs == 1 {
+			v.do(puppet.Request{Op: "release", Off: n / 4 * ps, Len: n / 2 * ps})
+		}
+		runs++
+		off, l := int64(next*ps), int64(16*ps)
+		next += 16
+		return engine.PageRun{Off: off, Len: l, Data: src.Bytes(off, l)}, nil
+	})
+	if err != nil {
+		t.Fatalf("Prefetch: %v", err)
+	}
+	if pst.Skipped < uint64(n/2-16) {
+		t.Errorf("prefetch skipped %d pages, want the %d released before it reached them", pst.Skipped, n/2-16)
+	}
+	v.touch(0, n, seed, zero, 0)
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	t.Logf("prefetched %d, skipped %d; %s", pst.Pages, pst.Skipped, statsLine(e.Stats()[0]))
+}
