@@ -268,7 +268,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 }
 
 type restoreBench struct {
-	o                    RestoreOptions
+	o                   RestoreOptions
 	dir, raw, snap, dev string
 }
 
