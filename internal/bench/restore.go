@@ -46,7 +46,9 @@ type RestoreOptions struct {
 	// DropCaches drops the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before every
 	// cold case: needs root. Without it "cold" cases run on whatever the cache holds.
 	DropCaches bool
-	Progress   func(format string, args ...any)
+	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve).
+	CacheSize int64
+	Progress  func(format string, args ...any)
 }
 
 // RestoreResult is one restore measured.
@@ -82,16 +84,18 @@ type RestoreResult struct {
 // RestoreReport is a whole run.
 type RestoreReport struct {
 	Size        int             `json:"size"`
+	CacheSize   int64           `json:"cache_size"`
 	Device      string          `json:"device"`
 	ReadAheadKB int             `json:"read_ahead_kb"`
 	TracePages  [2]int          `json:"trace_pages"` // A, B
 	Overlap     float64         `json:"overlap"`     // of B's pages, the fraction in A
 	Record      RestoreResult   `json:"record"`      // run 1: trace A with --record
 	WorkingSet  int             `json:"working_set_pages"`
+	WSStored    int64           `json:"working_set_bytes"` // its compressed extent
 	Image       int64           `json:"image_bytes"`
 	Packed      int64           `json:"packed_bytes"`
 	Results     []RestoreResult `json:"results"` // every rep
-	Medians     []RestoreResult `json:"medians"` // per case, the rep of median Restore
+	Medians     []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
 }
 
 // Restore cases, in the order they run within a rep.
@@ -101,9 +105,12 @@ const (
 	CaseRawCold      = "faultline-raw-cold"
 	CasePackedCold   = "faultline-packed-cold"
 	CasePrefetchCold = "faultline-prefetch-cold"
+	// CasePrefetchSame touches trace A itself with the working set prefetched: what prefetch
+	// gives when the inputs do not change (no target; it shows what trace B's new pages cost).
+	CasePrefetchSame = "prefetch-same-trace-cold"
 )
 
-var restoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold}
+var restoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold, CasePrefetchSame}
 
 // RestoreTarget is a ratio of the issue's targets: Num's restore time over Den's.
 type RestoreTarget struct {
@@ -199,8 +206,11 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	if o.CacheSize <= 0 {
+		o.CacheSize = snapshot.DefaultCacheSize
+	}
 	rb := &restoreBench{o: o, dir: dir, raw: filepath.Join(dir, "mem.raw"), snap: filepath.Join(dir, "snap")}
-	rep := &RestoreReport{Size: o.Size}
+	rep := &RestoreReport{Size: o.Size, CacheSize: o.CacheSize}
 	rep.Device, rep.ReadAheadKB, err = blockDevice(dir)
 	if err != nil {
 		return nil, err
@@ -241,10 +251,14 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	if err != nil {
 		return nil, err
 	}
-	rep.WorkingSet = info.WorkingSetPages
+	rep.WorkingSet, rep.WSStored = info.WorkingSetPages, info.WorkingSetStored
 	for i := range o.Reps {
 		for _, c := range restoreCases {
-			res, err := rb.run(c, traceB)
+			t := traceB
+			if c == CasePrefetchSame {
+				t = traceA
+			}
+			res, err := rb.run(c, t)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", c, err)
 			}
@@ -262,7 +276,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 			}
 		}
 		slices.SortFunc(rs, func(a, b RestoreResult) int { return int(a.Restore - b.Restore) })
-		rep.Medians = append(rep.Medians, rs[len(rs)/2])
+		rep.Medians = append(rep.Medians, rs[(len(rs)-1)/2]) // the lower median of an even count
 	}
 	return rep, nil
 }
@@ -335,14 +349,14 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 		m, err = vmm.StartFile(rb.raw, rb.o.Size, vmm.Options{Trace: t})
 	} else {
 		cfg := daemon.Config{Socket: filepath.Join(rb.dir, "uffd.sock"),
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CacheSize: rb.o.CacheSize,
 			Engine: engine.Options{FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}}}
 		switch c {
 		case CaseRawCold:
 			cfg.MemFile = rb.raw
 		case CasePackedCold:
 			cfg.Snapshot, cfg.NoPrefetch = rb.snap, true
-		case CasePrefetchCold:
+		case CasePrefetchCold, CasePrefetchSame:
 			cfg.Snapshot = rb.snap
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true
