@@ -4,9 +4,11 @@ package bench
 
 import (
 	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/faultline-go/faultline/internal/kerneltest"
+	"github.com/faultline-go/faultline/internal/vmm"
 )
 
 // The restore benchmark end to end at 32 MiB, one rep, the page cache left alone: every case
@@ -46,4 +48,34 @@ func TestRestoreBenchTiny(t *testing.T) {
 		t.Errorf("the File backend reported no page faults")
 	}
 	t.Logf("faults: file %d, packed %d, prefetch %d (%d prefetched); working set %d pages", file.Faults, packed.Faults, pre.Faults, pre.Prefetched, rep.WorkingSet)
+}
+
+// The check the benchmark relies on can fail: a VMM whose memory is not the reference image is
+// caught (here the File backend over one sample image, verified against another).
+func TestVerifyTraceCatchesWrongBytes(t *testing.T) {
+	const size = 4 << 20
+	dir := t.TempDir()
+	img, other := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
+	if err := writeSample(img, size, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSample(other, size, 2); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := RestoreTraces(size/4096, 3)
+	m, err := vmm.StartFile(img, size, vmm.Options{Trace: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	if _, err := m.RunTrace(2); err != nil {
+		t.Fatal(err)
+	}
+	if pages, wrong, err := m.VerifyTrace(img); err != nil || wrong != 0 || pages != tracePages(a) {
+		t.Fatalf("against its own image: %d pages, %d wrong, %v", pages, wrong, err)
+	}
+	pages, wrong, err := m.VerifyTrace(other)
+	if err == nil || wrong == 0 {
+		t.Fatalf("against another image: %d pages, %d wrong, err %v", pages, wrong, err)
+	}
 }
