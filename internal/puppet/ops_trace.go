@@ -14,7 +14,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -30,7 +29,7 @@ import (
 //	                (Firecracker's File backend); the reply is a new area
 //	trace-run       touch the stored trace in area Area with Threads threads, run i on thread
 //	                i % Threads, each page a load of its first word, or a store of
-//	                TraceWord(offset) into it for a write run; the reply has Ns and, over the
+//	                TraceWord(offset) into it for a write run (as touch does); the reply has Ns and, over the
 //	                touches, Ints = [minor faults, major faults, CPU ns, bytes read from disk]
 //	                of this process
 //	trace-verify    compare every page of the stored trace in area Area with the file Str
@@ -56,8 +55,9 @@ func EncodeTrace(runs []TraceRun) []int64 {
 	return out
 }
 
-// TraceWord is what a write run stores in the first word of the page at offset off of its area.
-func TraceWord(off int) uint64 { return uint64(off) ^ 0xfa17_11e0_0000_0000 }
+// TraceWord is what a write run stores in the first word of the page at offset off of its area
+// (what a "touch" with Write stores).
+func TraceWord(off int) uint64 { return uint64(off) }
 
 // trace is the stored trace; a puppet runs one VMM, so one trace per process.
 var trace struct {
@@ -165,6 +165,7 @@ func traceRun(c *child, r *Request) (Reply, []int) {
 		return traceFail("trace-run: %v", err)
 	}
 	threads := max(r.Threads, 1)
+	load, store := &Request{}, &Request{Write: true}
 	var sigbus atomic.Int64
 	var wg sync.WaitGroup
 	u0 := selfUsage()
@@ -177,9 +178,12 @@ func traceRun(c *child, r *Request) (Reply, []int) {
 			old := debug.SetPanicOnFault(true)
 			defer debug.SetPanicOnFault(old)
 			for i := t; i < len(runs); i += threads {
-				run := runs[i]
+				run, how := runs[i], load
+				if run.Write {
+					how = store
+				}
 				for p := run.Page; p < run.Page+run.Count; p++ {
-					if touchTracePage(a, p*a.PageSize, run.Write) {
+					if c.touchPage(a, p*a.PageSize, a.PageSize, how) {
 						sigbus.Add(1)
 					}
 				}
@@ -195,26 +199,6 @@ func traceRun(c *child, r *Request) (Reply, []int) {
 	}
 	return Reply{Ns: ns, Pages: pages, Sigbus: int(sigbus.Load()),
 		Ints: []int64{u1.minflt - u0.minflt, u1.majflt - u0.majflt, u1.cpu - u0.cpu, u1.read - u0.read}}, nil
-}
-
-// touchTracePage loads the first word of the page at off, or stores TraceWord(off) in it; it
-// reports a fault turned panic.
-func touchTracePage(a *memory.Area, off int, write bool) (faulted bool) {
-	defer func() {
-		if p := recover(); p != nil {
-			if _, ok := p.(interface{ Addr() uintptr }); !ok {
-				panic(p)
-			}
-			faulted = true
-		}
-	}()
-	p := (*uint64)(unsafe.Pointer(&a.Mem[off]))
-	if write {
-		atomic.StoreUint64(p, TraceWord(off))
-	} else {
-		sink.Add(atomic.LoadUint64(p))
-	}
-	return false
 }
 
 func traceVerify(c *child, r *Request) (Reply, []int) {

@@ -13,15 +13,11 @@ import (
 // raw memory file mapped MAP_PRIVATE, paged in by the kernel on each fault, no userfaultfd and no
 // handshake. o.Socket, o.Regions, o.Huge and o.Version are unused.
 func StartFile(path string, size int, o Options) (*VMM, error) {
-	p, err := puppet.Start()
+	v, err := startProcess(o)
 	if err != nil {
 		return nil, err
 	}
-	v := &VMM{p: p, opts: o}
-	if err := v.setTrace(); err != nil {
-		p.Kill()
-		return nil, err
-	}
+	p := v.p
 	v.Started = time.Now()
 	rep, _, err := p.Do(puppet.Request{Op: "trace-map-file", Str: path, Size: size})
 	if err != nil {
@@ -32,14 +28,19 @@ func StartFile(path string, size int, o Options) (*VMM, error) {
 	return v, nil
 }
 
-func (v *VMM) setTrace() error {
-	if len(v.opts.Trace) == 0 {
-		return nil
+// startProcess starts the VMM's process and hands it o.Trace, if any.
+func startProcess(o Options) (*VMM, error) {
+	p, err := puppet.Start()
+	if err != nil {
+		return nil, err
 	}
-	if _, _, err := v.p.Do(puppet.Request{Op: "trace-set", Ints: puppet.EncodeTrace(v.opts.Trace)}); err != nil {
-		return fmt.Errorf("vmm: trace: %w", err)
+	if len(o.Trace) > 0 {
+		if _, _, err := p.Do(puppet.Request{Op: "trace-set", Ints: puppet.EncodeTrace(o.Trace)}); err != nil {
+			p.Kill()
+			return nil, fmt.Errorf("vmm: trace: %w", err)
+		}
 	}
-	return nil
+	return &VMM{p: p, opts: o}, nil
 }
 
 // Traced is the outcome of RunTrace.

@@ -61,15 +61,11 @@ func Start(o Options) (*VMM, error) {
 	if len(o.Regions) == 0 {
 		return nil, fmt.Errorf("vmm: no regions")
 	}
-	p, err := puppet.Start()
+	v, err := startProcess(o)
 	if err != nil {
 		return nil, err
 	}
-	v := &VMM{p: p, opts: o}
-	if err := v.setTrace(); err != nil {
-		p.Kill()
-		return nil, err
-	}
+	p := v.p
 	kind := "anon"
 	if o.Huge {
 		kind = "hugetlb-private"
