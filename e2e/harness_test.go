@@ -410,13 +410,19 @@ type daemon struct {
 // 127.0.0.1:0 --log-format json` in a directory of its own and waits until it serves.
 func startDaemon(t *testing.T, mem string) *daemon {
 	t.Helper()
+	return startServe(t, "--mem-file", mem)
+}
+
+// startServe is startDaemon with the source flags given (--mem-file M, or --snapshot DIR ...).
+func startServe(t *testing.T, source ...string) *daemon {
+	t.Helper()
 	dir, err := os.MkdirTemp(baseDir, "t")
 	if err != nil {
 		t.Fatal(err)
 	}
 	d := &daemon{dir: dir, socket: filepath.Join(dir, "uffd.sock"), log: &console{}, done: make(chan struct{})}
-	d.cmd = exec.Command(env.faultline, "serve", "--socket", d.socket, "--mem-file", mem,
-		"--metrics-addr", "127.0.0.1:0", "--log-format", "json")
+	args := append([]string{"serve", "--socket", d.socket}, source...)
+	d.cmd = exec.Command(env.faultline, append(args, "--metrics-addr", "127.0.0.1:0", "--log-format", "json")...)
 	d.cmd.Stdout = d.log
 	d.cmd.Stderr = d.log
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

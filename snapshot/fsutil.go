@@ -33,15 +33,16 @@ func writeFileAtomic(dir, name string, data []byte, perm os.FileMode) error {
 	return commitTemp(f, filepath.Join(dir, name), data, perm, true)
 }
 
-// commitTemp writes data to the temp file f, makes it durable when sync is set, and renames it to
-// path. On error the temp file is removed.
-func commitTemp(f *os.File, path string, data []byte, perm os.FileMode, sync bool) error {
+// commitTemp writes data to the temp file f, fsyncs it, and renames it to path; with dirSync it
+// fsyncs path's directory too (without, the caller syncs it once for many files). On error the
+// temp file is removed.
+func commitTemp(f *os.File, path string, data []byte, perm os.FileMode, dirSync bool) error {
 	tmp := f.Name()
 	_, err := f.Write(data)
 	if err == nil {
 		err = f.Chmod(perm)
 	}
-	if err == nil && sync {
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -54,7 +55,7 @@ func commitTemp(f *os.File, path string, data []byte, perm os.FileMode, sync boo
 		os.Remove(tmp)
 		return err
 	}
-	if sync {
+	if dirSync {
 		return syncDir(filepath.Dir(path))
 	}
 	return nil
@@ -69,29 +70,6 @@ func syncDir(dir string) error {
 	err = d.Sync()
 	if cerr := d.Close(); err == nil {
 		err = cerr
-	}
-	return err
-}
-
-// commitTempNoDirSync is commitTemp with the file synced but not its directory, for many files
-// into one directory that the caller syncs once.
-func commitTempNoDirSync(f *os.File, path string, data []byte) error {
-	tmp := f.Name()
-	_, err := f.Write(data)
-	if err == nil {
-		err = f.Chmod(0o444)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
 	}
 	return err
 }

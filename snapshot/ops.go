@@ -191,8 +191,8 @@ func Inspect(dir string) (*Info, error) {
 	return in, nil
 }
 
-// String formats bytes for people: "512 MiB", "1.5 GiB", "4 KiB", "100 B".
-func formatBytes(n int64) string {
+// FormatBytes formats n bytes for people: "512 MiB", "1.5 GiB", "4 KiB", "100 B".
+func FormatBytes(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB"}
 	f := float64(n)
 	u := 0
@@ -205,6 +205,3 @@ func formatBytes(n int64) string {
 	}
 	return fmt.Sprintf("%.1f %s", f, units[u])
 }
-
-// FormatBytes formats n bytes for people ("1.5 GiB").
-func FormatBytes(n int64) string { return formatBytes(n) }

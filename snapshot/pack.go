@@ -23,9 +23,9 @@ const DefaultChunkSize = 2 << 20
 
 // PackOptions tune Pack.
 type PackOptions struct {
-	ChunkSize int64 // image bytes per chunk, a multiple of PageSize (DefaultChunkSize when 0)
-	PageSize  int64 // the zero map's unit (4096 when 0)
-	Level     int   // zstd level, as the zstd command counts (3 when 0)
+	ChunkSize int64 // image bytes per chunk, a multiple of PageSize (DefaultChunkSize when 0; a diff's base's)
+	PageSize  int64 // the zero map's unit (4096 when 0; a diff's base's)
+	Level     int   // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
 	// Store, when set, is a shared chunk store: chunks go to Store/chunks, where chunks of
 	// other snapshots with the same content are reused.
 	Store string
@@ -81,11 +81,8 @@ type packResult struct {
 // until then out is not a snapshot.
 func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, error) {
 	start := time.Now()
-	if o.PageSize == 0 {
-		o.PageSize = 4096
-	}
 	if o.Level == 0 {
-		o.Level = 3
+		o.Level = 1
 	}
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
@@ -98,10 +95,13 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 		}
 		defer base.Close()
 		bm := base.Manifest()
-		if o.ChunkSize != 0 && o.ChunkSize != bm.ChunkSize || o.PageSize != bm.PageSize {
+		if o.ChunkSize != 0 && o.ChunkSize != bm.ChunkSize || o.PageSize != 0 && o.PageSize != bm.PageSize {
 			return nil, fmt.Errorf("pack: a diff keeps its base's chunk size %d and page size %d", bm.ChunkSize, bm.PageSize)
 		}
-		o.ChunkSize = bm.ChunkSize
+		o.ChunkSize, o.PageSize = bm.ChunkSize, bm.PageSize
+	}
+	if o.PageSize == 0 {
+		o.PageSize = 4096
 	}
 	if o.ChunkSize == 0 {
 		o.ChunkSize = DefaultChunkSize
@@ -290,11 +290,11 @@ func readChunks(ctx context.Context, f *os.File, m *Manifest, base *Snapshot, ex
 				// report data in blocks smaller than a page.
 				s := max(e[0]/ps*ps, off)
 				t := min(ceilDiv(e[1], ps)*ps, off+clen)
-				if _, err := f.ReadAt(buf[s-off:t-off], s); err != nil && err != io.EOF {
+				if err := readFull(f, buf[s-off:t-off], s); err != nil {
 					return err
 				}
 			}
-		} else if _, err := f.ReadAt(buf, off); err != nil && !(err == io.EOF) {
+		} else if err := readFull(f, buf, off); err != nil {
 			return err
 		}
 		select {
@@ -400,7 +400,7 @@ func (w *packer) writeChunk(name string, data []byte) error {
 	if err != nil {
 		return err
 	}
-	return commitTempNoDirSync(f, filepath.Join(w.chunkDir, name), data)
+	return commitTemp(f, filepath.Join(w.chunkDir, name), data, 0o444, false)
 }
 
 // linkFromBase makes the base's chunk file part of this snapshot's chunk directory (a hard link,
@@ -420,4 +420,16 @@ func (w *packer) linkFromBase(idx int, c ChunkEntry) error {
 		return fmt.Errorf("base chunk %d: %w", idx, err)
 	}
 	return w.writeChunk(name, data)
+}
+
+// readFull reads len(b) bytes at off; a short read means the memory file shrank while packing.
+func readFull(f *os.File, b []byte, off int64) error {
+	n, err := f.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = fmt.Errorf("pack: %s ends at %d: it changed while being packed", f.Name(), off+int64(n))
+	}
+	return err
 }

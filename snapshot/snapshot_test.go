@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -97,6 +98,7 @@ func TestRoundTrip(t *testing.T) {
 		{"all-zero", make([]byte, 6<<20), PackOptions{}},
 		{"random", rnd, PackOptions{ChunkSize: 512 << 10}},
 		{"text", text[:len(text)-77], PackOptions{}},
+		{"hugetlb-pages", sample(t, 12<<20, 9), PackOptions{PageSize: 2 << 20}},
 		{"empty", nil, PackOptions{}},
 		{"one-byte", []byte{9}, PackOptions{}},
 	}
@@ -109,8 +111,9 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatal(err)
 			}
 			var zero int64
-			for p := 0; p < len(c.img); p += 4096 {
-				if zeroPage(c.img[p:min(p+4096, len(c.img))]) {
+			ps := int(cmp.Or(c.o.PageSize, 4096))
+			for p := 0; p < len(c.img); p += ps {
+				if zeroPage(c.img[p:min(p+ps, len(c.img))]) {
 					zero++
 				}
 			}
@@ -562,5 +565,63 @@ func TestCacheBound(t *testing.T) {
 	s.ReadAt(p, 15<<21)
 	if s.CacheStats().Loads != 32 {
 		t.Error("the last chunk read was evicted first")
+	}
+}
+
+func TestCacheConcurrent(t *testing.T) {
+	img := sample(t, 16<<20, 61)
+	dir := pack(t, img, PackOptions{ChunkSize: 1 << 20})
+	s, err := OpenWith(dir, Options{CacheSize: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(g), 9))
+			p := make([]byte, 300<<10)
+			for range 200 {
+				off := r.IntN(len(img) - len(p))
+				if _, err := s.ReadAt(p, int64(off)); err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(p, img[off:off+len(p)]) {
+					errs <- errors.New("wrong bytes")
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if st := s.CacheStats(); st.Bytes > 2<<20 || st.Evictions == 0 {
+		t.Errorf("%+v: want evictions and at most 2 MiB held", st)
+	}
+}
+
+// A read served from the cache allocates nothing: it is on the fault path.
+func TestReadAtCachedAllocs(t *testing.T) {
+	img := sample(t, 4<<20, 71)
+	img[100] = 1
+	dir := pack(t, img, PackOptions{})
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	p := make([]byte, 4096)
+	if _, err := s.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if a := testing.AllocsPerRun(100, func() { s.ReadAt(p, 0) }); a != 0 {
+		t.Errorf("%v allocations per cached ReadAt", a)
 	}
 }

@@ -149,7 +149,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", d.Live())
 		d.Close()
 	}()
-	log.Info("serving", "socket", *socket, "mem_file", *memFile, "on_failure", cfg.OnFailure)
+	if *snapDir != "" {
+		log.Info("serving", "socket", *socket, "snapshot", *snapDir, "record", *record, "prefetch", !*noPrefetch && !*record, "on_failure", cfg.OnFailure)
+	} else {
+		log.Info("serving", "socket", *socket, "mem_file", *memFile, "on_failure", cfg.OnFailure)
+	}
 	if err := d.Serve(); err != nil {
 		log.Error("serve", "err", err)
 		return 1

@@ -4,6 +4,7 @@ package cli
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -191,10 +192,24 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo exit %d:\n%s", c, out.String())
 	}
 	s := out.String()
-	for _, want := range []string{"0 wrong", "the VM exits", "page faults", "zero pages (after the balloon)"} {
+	for _, want := range []string{"0 wrong", "the VM exits", "page faults", "zero pages (after the balloon)", "restore with the working set prefetched"} {
 		if !strings.Contains(s, want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, s)
 		}
+	}
+	// The prefetched restore takes far fewer faults than the recording one.
+	var recPages, recFaults, prePages, preFaults, prefetched int
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "restore with --record") {
+			fmt.Sscanf(l[46:], "%d %d", &recPages, &recFaults)
+		}
+		if strings.HasPrefix(l, "restore with the working set prefetched") {
+			fmt.Sscanf(l[46:], "%d %d %d", &prePages, &preFaults, &prefetched)
+		}
+	}
+	if recFaults == 0 || prefetched == 0 || preFaults > recFaults/10 || prePages != recPages {
+		t.Fatalf("record: %d pages, %d faults; prefetch: %d pages, %d faults, %d prefetched; want a tenth of the faults:\n%s",
+			recPages, recFaults, prePages, preFaults, prefetched, s)
 	}
 	if strings.Contains(s, "wrong\n") && regexp.MustCompile(`[1-9]\d* wrong`).MatchString(s) {
 		t.Fatalf("demo reports wrong pages:\n%s", s)
