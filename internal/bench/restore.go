@@ -46,9 +46,10 @@ type RestoreOptions struct {
 	// DropCaches drops the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before every
 	// cold case: needs root. Without it "cold" cases run on whatever the cache holds.
 	DropCaches bool
-	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve).
-	CacheSize int64
-	Progress  func(format string, args ...any)
+	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve);
+	// ChunkSize is the packed snapshot's (0: snapshot.DefaultChunkSize, as pack).
+	CacheSize, ChunkSize int64
+	Progress             func(format string, args ...any)
 }
 
 // RestoreResult is one restore measured.
@@ -85,6 +86,7 @@ type RestoreResult struct {
 type RestoreReport struct {
 	Size        int             `json:"size"`
 	CacheSize   int64           `json:"cache_size"`
+	ChunkSize   int64           `json:"chunk_size"`
 	Device      string          `json:"device"`
 	ReadAheadKB int             `json:"read_ahead_kb"`
 	TracePages  [2]int          `json:"trace_pages"` // A, B
@@ -209,8 +211,11 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	if o.CacheSize <= 0 {
 		o.CacheSize = snapshot.DefaultCacheSize
 	}
+	if o.ChunkSize <= 0 {
+		o.ChunkSize = snapshot.DefaultChunkSize
+	}
 	rb := &restoreBench{o: o, dir: dir, raw: filepath.Join(dir, "mem.raw"), snap: filepath.Join(dir, "snap")}
-	rep := &RestoreReport{Size: o.Size, CacheSize: o.CacheSize}
+	rep := &RestoreReport{Size: o.Size, CacheSize: o.CacheSize, ChunkSize: o.ChunkSize}
 	rep.Device, rep.ReadAheadKB, err = blockDevice(dir)
 	if err != nil {
 		return nil, err
@@ -220,7 +225,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	if err := writeSample(rb.raw, int64(o.Size), o.Seed); err != nil {
 		return nil, err
 	}
-	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{})
+	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{ChunkSize: o.ChunkSize})
 	if err != nil {
 		return nil, err
 	}
