@@ -22,6 +22,9 @@ func init() {
 }
 
 func runBench(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "restore" {
+		return runBenchRestore(args[1:], stdout, stderr)
+	}
 	fs := newFlagSet("bench", "[flags]\n\n"+
 		"Bench runs a child process that creates the userfaultfd, registers anonymous memory and\n"+
 		"passes the fd over a Unix socket (the Firecracker split); this process serves its faults.\n"+
@@ -30,7 +33,8 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		"Without --pattern, --threads or --fault-around it runs the standard suite: named cases,\n"+
 		"each printed as a ratio of ns/page against its named baseline with the target it has.\n"+
 		"CPU/PAGE is the serving process's CPU time (user + system) per page; P50 and P99 are the\n"+
-		"engine's latency quantiles, interpolated within power-of-two histogram buckets.", stderr)
+		"engine's latency quantiles, interpolated within power-of-two histogram buckets.\n"+
+		"'faultline bench restore' measures restoring a VM instead (faultline bench restore -h).", stderr)
 	size := fs.String("size", "256M", "memory touched per case (K, M, G suffixes)")
 	pattern := fs.String("pattern", "", "touch order: seq or rand (default: the suite)")
 	threads := fs.Int("threads", 0, "touching threads (default: the suite)")

@@ -29,6 +29,9 @@ type Options struct {
 	Regions []Region
 	Huge    bool // 2 MiB hugetlb guest memory ("huge_pages": "2M")
 	Version firecracker.Version
+	// Trace, if set, is the working set RunTrace touches, handed to the VMM before the
+	// handshake so that sending it is not part of the restore.
+	Trace []puppet.TraceRun
 }
 
 // VMM is a running fake VMM process.
@@ -36,6 +39,9 @@ type VMM struct {
 	p       *puppet.Puppet
 	Regions []Mapped
 	opts    Options
+	// Started is when the restore began, by this process's clock: just before the handshake
+	// was sent, or before a File-backend VMM mapped its memory file.
+	Started time.Time
 }
 
 // Mapped is a region as mapped in the VMM.
@@ -55,11 +61,11 @@ func Start(o Options) (*VMM, error) {
 	if len(o.Regions) == 0 {
 		return nil, fmt.Errorf("vmm: no regions")
 	}
-	p, err := puppet.Start()
+	v, err := startProcess(o)
 	if err != nil {
 		return nil, err
 	}
-	v := &VMM{p: p, opts: o}
+	p := v.p
 	kind := "anon"
 	if o.Huge {
 		kind = "hugetlb-private"
@@ -91,6 +97,7 @@ func Start(o Options) (*VMM, error) {
 		}
 		ints = append(ints, int64(m.Area), m.FileOffset)
 	}
+	v.Started = time.Now()
 	if _, _, err := p.Do(puppet.Request{Op: "fc-handshake", Str: o.Socket, Ints: ints}); err != nil {
 		p.Kill()
 		return nil, fmt.Errorf("vmm: handshake: %w", err)
