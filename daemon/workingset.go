@@ -78,10 +78,17 @@ func (v *vm) saveRecording() {
 	if d.snap == nil || !d.cfg.Record {
 		return
 	}
+	// The snapshot counts pages of its own size (4 KiB, or 2 MiB for a hugetlb guest packed
+	// with --page-size 2M): a touched page of the guest's size is each of those it covers.
+	sps := d.snap.PageSize()
 	v.mu.Lock()
 	var pages []uint64
 	for _, e := range v.engines {
-		pages = append(pages, e.Recorded()...)
+		for _, t := range e.Recorded() {
+			for p := t.Off / sps; p*sps < t.Off+t.Len; p++ {
+				pages = append(pages, uint64(p))
+			}
+		}
 	}
 	v.mu.Unlock()
 	if len(pages) == 0 {

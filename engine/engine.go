@@ -38,7 +38,8 @@ type Engine struct {
 	// it reads a batch and applies the batch's events, and installers hold it shared while they
 	// resolve. So a fault read before a REMOVE is either installed before the REMOVE is read
 	// (and the madvise then zaps it) or sees the removal — never installed with source data
-	// after the zap. The reader takes it only for a read that poll(2) says has messages.
+	// after the zap. While it spins the reader takes it only with TryLock (never waiting for
+	// installers); parked in the netpoller it takes it for each read the fd's readiness brings.
 	mu sync.RWMutex
 
 	state    atomic.Int32
@@ -221,10 +222,14 @@ func (e *Engine) closeChildren() {
 // release frees what the engine holds; it runs once, when no goroutine of the engine is left.
 func (e *Engine) release() {
 	e.fd.Close()
+	// A Prefetch may still be running (its caller's goroutine is not the engine's): once it
+	// holds the lock it sees stopping and leaves the zero buffer alone.
+	e.mu.Lock()
 	if e.zeroBuf != nil {
 		unix.Munmap(e.zeroBuf)
 		e.zeroBuf = nil
 	}
+	e.mu.Unlock()
 }
 
 // Done is closed when Run has returned (or Close released an engine that never ran).
@@ -301,9 +306,9 @@ func (e *Engine) Installed() map[string]int {
 	return m
 }
 
-// Recorded returns the pages of the source image (offset / page size) that faults touched while
-// Options.Record was on, in the order of their first touch; nil if the engine does not record.
-func (e *Engine) Recorded() []uint64 {
+// Recorded returns the pages of the source image that faults touched while Options.Record was
+// on, in the order of their first touch; nil if the engine does not record.
+func (e *Engine) Recorded() []Touch {
 	if e.rec == nil {
 		return nil
 	}

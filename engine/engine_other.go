@@ -44,7 +44,7 @@ func (e *Engine) Dirty(region string) []int { return nil }
 func (e *Engine) Installed() map[string]int { return map[string]int{} }
 
 // Recorded returns nothing.
-func (e *Engine) Recorded() []uint64 { return nil }
+func (e *Engine) Recorded() []Touch { return nil }
 
 // StopRecording does nothing.
 func (e *Engine) StopRecording() {}

@@ -96,14 +96,11 @@ func (e *Engine) fetch(j fetchJob, buf []byte) error {
 			if d := int(done / ps); d > 0 {
 				st.recordInstall(idx, d, uint64(done), false, j.at)
 				installed += d
-				if errors.Is(err, uffd.ErrExist) {
-					// The page where the COPY stopped is mapped — or so the kernel says: an
-					// empty hugetlb pool answers EEXIST too. Mark it as the fault path does,
-					// so faults that keep coming for it count as duplicates and that
-					// livelock is caught.
-					st.installed.setRange(idx+d, idx+d+1)
-				}
 			} else if errors.Is(err, uffd.ErrExist) {
+				// The first page is mapped — or so the kernel says: an empty hugetlb pool
+				// answers EEXIST too. Mark it as the fault path does, so faults that keep
+				// coming for it count as duplicates and that livelock is caught. (A COPY that
+				// stops part-way answers ErrPartial; the pages after it fault again.)
 				st.installed.setRange(idx, idx+1)
 			}
 			switch {

@@ -47,6 +47,15 @@ func (r *reader) startForks() {
 	r.forks, r.clones = r.forks[:0], r.clones[:0]
 }
 
+// dropForks closes the child uffds of a batch that failed: the engine stops, and a child's
+// threads are woken once nobody holds its uffd.
+func (r *reader) dropForks() {
+	for _, fd := range r.forks {
+		unix.Close(fd)
+	}
+	r.forks, r.clones = r.forks[:0], r.clones[:0]
+}
+
 // fork starts the engine serving a forked child's userfaultfd, with the page state cloned when
 // its event was read.
 func (e *Engine) fork(fd int, fs forkState) error {

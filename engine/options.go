@@ -23,9 +23,11 @@ type Options struct {
 	// SpinReads is how many times at most the reader, finding no message, yields its CPU and
 	// looks again before parking in the netpoller (default 32; negative: never). Faults that
 	// arrive back to back — a thread resumed by one install faults on the next page
-	// microseconds later — are then read without a netpoller round trip. Looking costs a
-	// poll(2) and a sched_yield(2), never the engine's lock. The budget adapts: it doubles when
-	// a spin finds a message and halves when it does not, so an idle engine stops spinning.
+	// microseconds later — are then read without a netpoller round trip. A look is a read under
+	// the engine's lock when TryLock gets it at once, a poll(2) when installers hold it; the
+	// reader yields the P between looks, and the CPU (sched_yield) while that pays. The budget
+	// adapts: it doubles when a spin finds a message and halves when it does not, so an idle
+	// engine stops spinning.
 	SpinReads int
 	// PollThread makes the reader keep an OS thread blocked in poll(2) on the fd instead of
 	// parking in the netpoller: the lowest wake-up latency (the C handler's path), at the cost

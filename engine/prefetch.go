@@ -65,18 +65,23 @@ func (e *Engine) PrefetchTotals() PrefetchStats {
 		Duration: time.Duration(e.prefetch.doneNs.Load())}
 }
 
-// prefetchRun installs one run into every region that maps its image range.
+// prefetchRun installs one run into every region that maps its image range: the region's whole
+// pages within the run (a run shorter than a huge page installs nothing into a hugetlb region).
 func (e *Engine) prefetchRun(run PageRun, ps *PrefetchStats) error {
+	if run.Data != nil && int64(len(run.Data)) < run.Len {
+		return fmt.Errorf("engine: prefetch run at %d: %d bytes of data for %d", run.Off, len(run.Data), run.Len)
+	}
 	for _, st := range e.states {
 		psz := int64(st.spec.PageSize)
 		lo, hi := max(run.Off, st.spec.Offset), min(run.Off+run.Len, st.spec.Offset+int64(st.spec.Size))
-		if lo >= hi || lo%psz != 0 {
+		a := int((lo - st.spec.Offset + psz - 1) / psz) // first whole page in the run
+		b := int((hi - st.spec.Offset) / psz)           // end of the last whole one
+		if a >= b {
 			continue
 		}
-		a, b := int((lo-st.spec.Offset)/psz), int((hi-st.spec.Offset+psz-1)/psz)
 		var data []byte
 		if run.Data != nil {
-			data = run.Data[lo-run.Off:]
+			data = run.Data[st.spec.Offset+int64(a)*psz-run.Off:]
 		}
 		if err := e.prefetchPages(st, a, b, data, ps); err != nil {
 			return err
@@ -93,10 +98,13 @@ func (e *Engine) prefetchPages(st *pageState, a, b int, data []byte, ps *Prefetc
 	psz := st.spec.PageSize
 	maxPages := max(int(maxPrefetchCopy/psz), 1)
 	for i := a; i < b; {
+		e.mu.RLock()
 		if e.stopping.Load() {
+			// Checked under the lock: release, which frees the zero buffer, takes it
+			// exclusively once stopping is set.
+			e.mu.RUnlock()
 			return nil
 		}
-		e.mu.RLock()
 		// The next piece: pages neither installed, removed nor being fetched.
 		j := i
 		for j < b && (st.installed.get(j) || st.removed.get(j) || st.fetching.get(j)) {
@@ -112,6 +120,9 @@ func (e *Engine) prefetchPages(st *pageState, a, b int, data []byte, ps *Prefetc
 		if j < end {
 			done, err = e.prefetchPiece(st, j, end-j, data, a)
 		}
+		if errors.Is(err, uffd.ErrExist) && !errors.Is(err, uffd.ErrPartial) {
+			st.installed.setRange(j+done, j+done+1) // mapped by a fault meanwhile
+		}
 		e.mu.RUnlock()
 		ps.Skipped += uint64(skipped)
 		e.prefetch.skipped.Add(uint64(skipped))
@@ -126,10 +137,10 @@ func (e *Engine) prefetchPages(st *pageState, a, b int, data []byte, ps *Prefetc
 			st.stats.retries.Add(1)
 			time.Sleep(20 * time.Microsecond) // the reader reads the events; then the rest of it
 			i = j + done
+		case errors.Is(err, uffd.ErrPartial):
+			i = j + max(done, 1) // stopped part-way: the rest again (a mapped page answers EEXIST then)
 		case errors.Is(err, uffd.ErrExist):
-			// A fault installed the page where the COPY stopped; go on after it.
-			st.installed.setRange(j+done, j+done+1)
-			i = j + done + 1
+			i = j + done + 1 // a fault installed that page meanwhile: go on after it
 		case errors.Is(err, uffd.ErrNotRegistered):
 			i = end // unmapped or unregistered meanwhile: nothing to install there
 		case errors.Is(err, uffd.ErrProcessGone):
@@ -174,9 +185,6 @@ func (e *Engine) prefetchPiece(st *pageState, idx, n int, data []byte, first int
 				st.stats.bytes.Add(uint64(got))
 			}
 			done += d
-		}
-		if errors.Is(err, uffd.ErrPartial) {
-			err = uffd.ErrExist // stopped at a page mapped meanwhile
 		}
 	})
 	if err == nil && done < n {

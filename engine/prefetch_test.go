@@ -56,7 +56,13 @@ func TestRecordThenPrefetch(t *testing.T) {
 			if rep.Sigbus != 0 {
 				t.Fatalf("run 1: %d signals", rep.Sigbus)
 			}
-			rec := e1.Recorded()
+			var rec []uint64 // in the region's pages
+			for _, tc := range e1.Recorded() {
+				if tc.Len != int64(ps) || tc.Off%tc.Len != 0 {
+					t.Fatalf("recorded touch %+v, want whole pages of %d bytes", tc, ps)
+				}
+				rec = append(rec, uint64(tc.Off/tc.Len))
+			}
 			if err := stop1(); err != nil {
 				t.Fatalf("run 1: %v", err)
 			}
@@ -157,4 +163,38 @@ func TestRemoveDuringPrefetch(t *testing.T) {
 		t.Fatalf("Run: %v", err)
 	}
 	t.Logf("prefetched %d, skipped %d; %s", pst.Pages, pst.Skipped, statsLine(e.Stats()[0]))
+}
+
+// A run shorter than the region's page (4 KiB of a 2 MiB hugetlb page) installs nothing there:
+// the huge page is served by its fault, from the source — never filled from past the run's
+// data. Found in review: the prefetch copied a whole huge page from a 4 KiB slice.
+func TestPrefetchPartialHugePage(t *testing.T) {
+	const seed = 43
+	v := newVM(t, memory.Hugetlb, 4<<20, 0, uffd.ModeMissing)
+	src := patternSource(t, v.size, seed)
+	e, stop := serveLogged(t, v, []engine.Region{v.region(src)}, engine.Options{})
+	buf := make([]byte, 8192)
+	copy(buf, src.Bytes(0, 4096))
+	for i := 4096; i < len(buf); i++ {
+		buf[i] = 0xaa // what a copy past the run would install
+	}
+	runs := []engine.PageRun{{Off: 0, Len: 4096, Data: buf[:4096]}, {Off: 2 << 20, Len: 2 << 20, Data: src.Bytes(2<<20, 2<<20)}}
+	i := 0
+	pst, err := e.Prefetch(context.Background(), func() (engine.PageRun, error) {
+		if i == len(runs) {
+			return engine.PageRun{}, io.EOF
+		}
+		i++
+		return runs[i-1], nil
+	})
+	if err != nil || pst.Pages != 1 {
+		t.Fatalf("Prefetch = %+v, %v; want the second huge page only", pst, err)
+	}
+	v.touch(0, 2, seed, nil, 0)
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if st := e.Stats()[0]; st.PagesPrefetched != 1 || st.Missing != 1 {
+		t.Errorf("%d prefetched, %d faults; want 1 and 1 (%s)", st.PagesPrefetched, st.Missing, statsLine(st))
+	}
 }

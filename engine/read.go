@@ -63,6 +63,7 @@ func (r *reader) run() error {
 			return err
 		}
 		if r.readErr != nil {
+			r.dropForks()
 			return r.readErr
 		}
 		r.startForks()
