@@ -464,7 +464,7 @@ func blockDevice(dir string) (string, int, error) {
 	if err := unix.Stat(dir, &st); err != nil {
 		return "", 0, err
 	}
-	sys := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev))
+	sys := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)))
 	real, err := filepath.EvalSymlinks(sys)
 	if err != nil {
 		return "", 0, fmt.Errorf("the device of %s: %w", dir, err)

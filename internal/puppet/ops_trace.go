@@ -133,7 +133,7 @@ type usage struct{ minflt, majflt, cpu, read int64 }
 func selfUsage() usage {
 	var ru unix.Rusage
 	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru)
-	return usage{minflt: ru.Minflt, majflt: ru.Majflt, cpu: ru.Utime.Nano() + ru.Stime.Nano(), read: readBytes()}
+	return usage{minflt: int64(ru.Minflt), majflt: int64(ru.Majflt), cpu: ru.Utime.Nano() + ru.Stime.Nano(), read: readBytes()}
 }
 
 // readBytes is read_bytes of /proc/self/io: what this process made the kernel fetch from
