@@ -6,16 +6,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"os"
 	"runtime"
-	"slices"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/memory"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/source"
@@ -203,7 +201,7 @@ func TestRunOnceAndCloseUnrun(t *testing.T) {
 	t.Run("never-run", func(t *testing.T) {
 		v := newVM(t, memory.Hugetlb, 4<<20, 0, uffd.ModeMissing) // hugetlb: a zero buffer too
 		e, fd := newEngine(t, v, engine.Options{})
-		before := openFDSet(t)
+		before := kerneltest.OpenFDs(t)
 		e.Close()
 		select {
 		case <-e.Done():
@@ -213,7 +211,14 @@ func TestRunOnceAndCloseUnrun(t *testing.T) {
 		if isUffd(fd) {
 			t.Fatalf("fd %d is still a userfaultfd after Close of an engine that never ran", fd)
 		}
-		if gone := before.minus(openFDSet(t)); len(gone) != 1 || gone[0] != fd {
+		after := kerneltest.OpenFDs(t)
+		var gone []string
+		for n, what := range before {
+			if after[n] != what {
+				gone = append(gone, n)
+			}
+		}
+		if len(gone) != 1 || gone[0] != strconv.Itoa(fd) {
 			t.Errorf("Close closed fds %v, want exactly the uffd %d", gone, fd)
 		}
 	})
@@ -322,41 +327,6 @@ func TestFetchersStartOnFirstFetch(t *testing.T) {
 	if e.Installed()["mem"] != 1 {
 		t.Errorf("%d pages installed, want 1", e.Installed()["mem"])
 	}
-}
-
-// fdNumbers is this process's open file descriptors and what each one is.
-type fdNumbers map[int]string
-
-// openFDSet lists the open fds, leaving out the one listing /proc/self/fd itself.
-func openFDSet(t testing.TB) fdNumbers {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := fdNumbers{}
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && !strings.HasPrefix(l, "/proc/") {
-			s[n] = l
-		}
-	}
-	return s
-}
-
-// minus returns the fds of s that o does not have (or has as something else), sorted.
-func (s fdNumbers) minus(o fdNumbers) []int {
-	var out []int
-	for fd, what := range s {
-		if o[fd] != what {
-			out = append(out, fd)
-		}
-	}
-	slices.Sort(out)
-	return out
 }
 
 // With Workers > 1, helpers take part of a large batch: 64 threads faulting at once outrun one

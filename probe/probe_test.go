@@ -175,21 +175,6 @@ func TestProbe(t *testing.T) {
 	}
 }
 
-// openFDs lists this process's open fds with what they point to.
-func openFDs(t *testing.T) map[string]string {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, e := range ents {
-		link, _ := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
-		m[e.Name()] = link
-	}
-	return m
-}
-
 // Probe keeps no state: after two probes in a row the process has the same fds open and no
 // probe mapping left.
 func TestProbeNoLeak(t *testing.T) {
@@ -198,13 +183,13 @@ func TestProbeNoLeak(t *testing.T) {
 	if _, err := probe.Run(); err != nil {
 		t.Fatal(err)
 	}
-	before := openFDs(t)
+	before := kerneltest.OpenFDs(t)
 	for range 2 {
 		if _, err := probe.Run(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	after := openFDs(t)
+	after := kerneltest.OpenFDs(t)
 	// No fd the probes opened may remain. (An fd of an earlier test may close meanwhile, say a
 	// puppet's control socket, so compare sets, not counts.)
 	for fd, link := range after {
