@@ -339,38 +339,46 @@ func (c *child) touch(a *memory.Area, r *Request) Reply {
 	var sigbus, mismatch atomic.Int64
 	firstBad := atomic.Int64{}
 	firstBad.Store(-1)
-	var wg sync.WaitGroup
 	start := time.Now()
-	for t := 0; t < threads; t++ {
+	onTouchingThreads(threads, func(t int) {
+		// Threads take interleaved pages of the order, so with "seq" each sees a sequential
+		// stream and together they cover the area; with "parts" each walks its own
+		// contiguous part in order, as vCPUs running their own work do.
+		first, end, step := t, pages, threads
+		if r.Order == "parts" {
+			first, end, step = t*pages/threads, (t+1)*pages/threads, 1
+		}
+		for i := first; i < end; i += step {
+			off := r.Off + order[i]*stride
+			if c.touchPage(a, off, stride, r) {
+				sigbus.Add(1)
+				continue
+			}
+			if bad := check(a.Mem[off:off+stride], off+r.PatternBase, r); bad >= 0 {
+				mismatch.Add(1)
+				firstBad.CompareAndSwap(-1, int64(bad))
+			}
+		}
+	})
+	return Reply{Ns: time.Since(start).Nanoseconds(), Pages: pages, Sigbus: int(sigbus.Load()),
+		Mismatch: int(mismatch.Load()), FirstBad: int(firstBad.Load())}
+}
+
+// onTouchingThreads runs fn(0..n-1) on n locked OS threads at once, each turning a fault on
+// unmapped memory into a panic touchPage recovers, and waits for them.
+func onTouchingThreads(n int, fn func(t int)) {
+	var wg sync.WaitGroup
+	for t := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			runtime.LockOSThread()
 			old := debug.SetPanicOnFault(true)
 			defer debug.SetPanicOnFault(old)
-			// Threads take interleaved pages of the order, so with "seq" each sees a sequential
-			// stream and together they cover the area; with "parts" each walks its own
-			// contiguous part in order, as vCPUs running their own work do.
-			first, end, step := t, pages, threads
-			if r.Order == "parts" {
-				first, end, step = t*pages/threads, (t+1)*pages/threads, 1
-			}
-			for i := first; i < end; i += step {
-				off := r.Off + order[i]*stride
-				if c.touchPage(a, off, stride, r) {
-					sigbus.Add(1)
-					continue
-				}
-				if bad := check(a.Mem[off:off+stride], off+r.PatternBase, r); bad >= 0 {
-					mismatch.Add(1)
-					firstBad.CompareAndSwap(-1, int64(bad))
-				}
-			}
+			fn(t)
 		}()
 	}
 	wg.Wait()
-	return Reply{Ns: time.Since(start).Nanoseconds(), Pages: pages, Sigbus: int(sigbus.Load()),
-		Mismatch: int(mismatch.Load()), FirstBad: int(firstBad.Load())}
 }
 
 // touchPage reads (or writes) the first word of the page; it reports a fault turned panic.

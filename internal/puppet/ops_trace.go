@@ -8,8 +8,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
-	"runtime"
-	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -167,30 +165,21 @@ func traceRun(c *child, r *Request) (Reply, []int) {
 	threads := max(r.Threads, 1)
 	load, store := &Request{}, &Request{Write: true}
 	var sigbus atomic.Int64
-	var wg sync.WaitGroup
 	u0 := selfUsage()
 	start := time.Now()
-	for t := range threads {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			runtime.LockOSThread()
-			old := debug.SetPanicOnFault(true)
-			defer debug.SetPanicOnFault(old)
-			for i := t; i < len(runs); i += threads {
-				run, how := runs[i], load
-				if run.Write {
-					how = store
-				}
-				for p := run.Page; p < run.Page+run.Count; p++ {
-					if c.touchPage(a, p*a.PageSize, a.PageSize, how) {
-						sigbus.Add(1)
-					}
+	onTouchingThreads(threads, func(t int) {
+		for i := t; i < len(runs); i += threads {
+			run, how := runs[i], load
+			if run.Write {
+				how = store
+			}
+			for p := run.Page; p < run.Page+run.Count; p++ {
+				if c.touchPage(a, p*a.PageSize, a.PageSize, how) {
+					sigbus.Add(1)
 				}
 			}
-		}()
-	}
-	wg.Wait()
+		}
+	})
 	ns := time.Since(start).Nanoseconds()
 	u1 := selfUsage()
 	pages := 0
