@@ -11,14 +11,14 @@ import (
 // recently used. A chunk missing from it is loaded by the first reader that wants it; readers
 // that come while it loads wait for that one load (single flight).
 type cache struct {
-	mu        sync.Mutex
-	limit     int64
-	unit      int64 // bytes of a frame
-	used      int64 // bytes of loaded entries in the map
-	m         map[int]*centry
-	lru       centry   // sentinel of the list of loaded entries, most recent first
-	free      [][]byte // buffers of evicted entries, for the next load
-	closed    bool
+	mu     sync.Mutex
+	limit  int64
+	unit   int64 // bytes of a frame
+	used   int64 // bytes of loaded entries in the map
+	m      map[int]*centry
+	lru    centry   // sentinel of the list of loaded entries, most recent first
+	free   [][]byte // buffers of evicted entries, for the next load
+	closed bool
 
 	loads, hits, evictions int64
 }

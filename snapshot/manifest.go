@@ -436,4 +436,3 @@ func (m *Manifest) chunkDir(dir string) string {
 	}
 	return filepath.Join(dir, ChunksDir)
 }
-

@@ -29,7 +29,7 @@ type PackOptions struct {
 	// FrameSize is the image bytes per frame, the unit of a read: a multiple of PageSize that
 	// divides ChunkSize (DefaultFrameSize, or PageSize if larger, when 0; a diff's base's).
 	FrameSize int64
-	Level     int   // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
+	Level     int // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
 	// Store, when set, is a shared chunk store: chunks go to Store/chunks, where chunks of
 	// other snapshots with the same content are reused.
 	Store string
