@@ -77,16 +77,20 @@ func appendFrameRec(t []byte, stored int64, hash *[32]byte) []byte {
 // parseFrames decodes chunk i's frame table and checks it against the zero map: a frame
 // stores nothing exactly when its pages are all zero, and at most its payload (equal: raw).
 func (m *Manifest) parseFrames(i int, t []byte) ([]frameRec, error) {
-	n := m.framesIn(i)
-	out := make([]frameRec, n)
 	g0 := i * int(m.ChunkSize/m.FrameSize)
+	return parseTable(m.framesIn(i), t, func(k int) int64 { return m.framePayload(g0 + k) })
+}
+
+// parseTable decodes a frame table of n frames whose payload lengths payloadOf gives.
+func parseTable(n int, t []byte, payloadOf func(k int) int64) ([]frameRec, error) {
+	out := make([]frameRec, n)
 	for k := range n {
 		u, l := binary.Uvarint(t)
 		if l <= 0 {
 			return nil, fmt.Errorf("frame table ends at frame %d of %d", k, n)
 		}
 		t = t[l:]
-		payload := m.framePayload(g0 + k)
+		payload := payloadOf(k)
 		if u > uint64(payload) || (u == 0) != (payload == 0) {
 			return nil, fmt.Errorf("frame %d stores %d bytes for %d bytes of non-zero pages", k, u, payload)
 		}

@@ -482,9 +482,9 @@ func (w *packer) pack(j packJob) packResult {
 	if fi, err := os.Stat(filepath.Join(w.chunkDir, name)); err == nil {
 		// The file is there (a store, a second pack into this directory, the same chunk
 		// twice): its frame table is the entry's, once its frames are those of these bytes.
-		t, err := w.existingTable(j.idx, name, fi.Size())
+		t, err := w.existingTable(name, fi.Size(), nf, func(k int) int64 { return frames[k].n })
 		if err == nil {
-			recs, _ := m.parseFrames(j.idx, t)
+			recs, _ := parseTable(nf, t, func(k int) int64 { return frames[k].n })
 			for k, rec := range recs {
 				if rec.stored > 0 && rec.hash != frames[k].hash {
 					err = fmt.Errorf("frame %d's hash differs", k)
@@ -524,8 +524,9 @@ func (w *packer) pack(j packJob) packResult {
 }
 
 // existingTable reads and checks the frame table of the chunk file name that is already in
-// the chunk directory.
-func (w *packer) existingTable(idx int, name string, size int64) ([]byte, error) {
+// the chunk directory: n frames, whose payload lengths payloadOf gives (the zero map of the
+// chunk is not in the manifest yet).
+func (w *packer) existingTable(name string, size int64, n int, payloadOf func(int) int64) ([]byte, error) {
 	f, err := os.Open(filepath.Join(w.chunkDir, name))
 	if err != nil {
 		return nil, err
@@ -540,7 +541,7 @@ func (w *packer) existingTable(idx int, name string, size int64) ([]byte, error)
 		return nil, err
 	}
 	t = append([]byte(nil), t...)
-	recs, err := w.m.parseFrames(idx, t)
+	recs, err := parseTable(n, t, payloadOf)
 	if err != nil {
 		return nil, err
 	}

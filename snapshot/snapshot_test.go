@@ -39,11 +39,18 @@ func sample(t testing.TB, size int64, seed uint64) []byte {
 
 func pack(t testing.TB, img []byte, o PackOptions) string {
 	t.Helper()
+	dir, _ := packStats(t, img, o)
+	return dir
+}
+
+func packStats(t testing.TB, img []byte, o PackOptions) (string, *PackStats) {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "snap")
-	if _, err := Pack(ctx, writeImage(t, img), dir, o); err != nil {
+	st, err := Pack(ctx, writeImage(t, img), dir, o)
+	if err != nil {
 		t.Fatalf("Pack: %v", err)
 	}
-	return dir
+	return dir, st
 }
 
 // checkUnpack unpacks dir and compares it with img, and reads it back through ReadAt too.
@@ -360,7 +367,7 @@ func TestSharedStore(t *testing.T) {
 		return len(ents)
 	}
 	n1 := files()
-	db := pack(t, b, PackOptions{Store: store})
+	db, st := packStats(t, b, PackOptions{Store: store})
 	n2 := files()
 	ma, _ := ReadManifest(da)
 	mb, _ := ReadManifest(db)
@@ -372,6 +379,9 @@ func TestSharedStore(t *testing.T) {
 	}
 	if common == 0 {
 		t.Fatal("the first halves share no chunk: the test proves nothing")
+	}
+	if st.Reused < common {
+		t.Errorf("the second pack reused %d chunk files of the store, want %d (it wrote them again)", st.Reused, common)
 	}
 	distinct := map[string]bool{}
 	for _, m := range []*Manifest{ma, mb} {
