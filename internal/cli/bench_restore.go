@@ -6,6 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"runtime/pprof"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/faultline-go/faultline/internal/bench"
@@ -34,6 +38,8 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 	cacheSize := fs.String("cache-size", "256M", "the daemon's bound of decompressed chunks in memory, as serve --cache-size")
 	chunkSize := fs.String("chunk-size", "2M", "the packed snapshot's chunk size, as pack --chunk-size")
 	seed := fs.Uint64("seed", 1, "seed of the image and the traces")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process (the daemon's side) to `file`")
+	casesFlag := fs.String("cases", "", "comma-separated cases to run (default: all of "+strings.Join(bench.RestoreCases, ",")+")")
 	asJSON := fs.Bool("json", false, "print the whole report as JSON")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
@@ -53,7 +59,30 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline bench restore: --chunk-size:", err)
 		return 2
 	}
-	rep, err := bench.RunRestore(bench.RestoreOptions{Size: sz, CacheSize: int64(cache), ChunkSize: int64(chunk), Reps: *reps, Threads: *threads, Dir: *dir, Seed: *seed,
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(stderr, "faultline bench restore:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, "faultline bench restore:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
+	}
+	var cases []string
+	if *casesFlag != "" {
+		for _, c := range strings.Split(*casesFlag, ",") {
+			if !slices.Contains(bench.RestoreCases, c) {
+				fmt.Fprintf(stderr, "faultline bench restore: --cases: unknown case %q (known: %s)\n", c, strings.Join(bench.RestoreCases, ","))
+				return 2
+			}
+			cases = append(cases, c)
+		}
+	}
+	rep, err := bench.RunRestore(bench.RestoreOptions{Cases: cases, Size: sz, CacheSize: int64(cache), ChunkSize: int64(chunk), Reps: *reps, Threads: *threads, Dir: *dir, Seed: *seed,
 		DropCaches: !*noDrop, Progress: func(f string, a ...any) { fmt.Fprintf(stderr, "  "+f+"\n", a...) }})
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline bench restore:", err)
@@ -92,6 +121,11 @@ func printRestore(w io.Writer, rep *bench.RestoreReport, reps int) {
 	}
 	fmt.Fprintln(w)
 	for _, t := range bench.RestoreTargets {
+		_, ok1 := rep.Median(t.Num)
+		_, ok2 := rep.Median(t.Den)
+		if !ok1 || !ok2 {
+			continue // a case not run (--cases)
+		}
 		ratio, met := rep.Ratio(t)
 		op := "<="
 		if t.AtLeast {
