@@ -47,8 +47,8 @@ type RestoreOptions struct {
 	// cold case: needs root. Without it "cold" cases run on whatever the cache holds.
 	DropCaches bool
 	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve);
-	// ChunkSize is the packed snapshot's (0: snapshot.DefaultChunkSize, as pack).
-	CacheSize, ChunkSize int64
+	// ChunkSize and FrameSize are the packed snapshot's (0: pack's defaults).
+	CacheSize, ChunkSize, FrameSize int64
 	// Cases are the cases to run (default RestoreCases); the recording run always runs.
 	Cases    []string
 	Progress func(format string, args ...any)
@@ -89,6 +89,7 @@ type RestoreReport struct {
 	Size        int             `json:"size"`
 	CacheSize   int64           `json:"cache_size"`
 	ChunkSize   int64           `json:"chunk_size"`
+	FrameSize   int64           `json:"frame_size"`
 	Device      string          `json:"device"`
 	ReadAheadKB int             `json:"read_ahead_kb"`
 	TracePages  [2]int          `json:"trace_pages"` // A, B
@@ -231,9 +232,12 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	if err := writeSample(rb.raw, int64(o.Size), o.Seed); err != nil {
 		return nil, err
 	}
-	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{ChunkSize: o.ChunkSize})
+	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{ChunkSize: o.ChunkSize, FrameSize: o.FrameSize})
 	if err != nil {
 		return nil, err
+	}
+	if m, err := snapshot.ReadManifest(rb.snap); err == nil {
+		rep.FrameSize = m.FrameSize
 	}
 	rep.Image, rep.Packed = st.Size, st.Stored
 	traceA, traceB := RestoreTraces(o.Size/4096, o.Seed)
