@@ -102,6 +102,11 @@ func reply(w http.ResponseWriter, status int, v any, err error) {
 // control API can make the daemon listen anywhere it may write. The socket is closed and
 // removed when the server is done (Drain or Close, then every VM gone).
 func (s *Server) ListenControl(path string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining || s.http != nil {
+		return errors.New("fleet: control socket: the server is stopping or has one")
+	}
 	ln, err := daemon.Listen(path, 0)
 	if err != nil {
 		return fmt.Errorf("fleet: control socket: %w", err)

@@ -336,9 +336,12 @@ func (s *Server) stop(force bool) {
 	s.stopOnce.Do(func() {
 		go func() {
 			s.wg.Wait()
-			if s.http != nil {
-				s.http.Close()
-				s.ctl.Remove()
+			s.mu.Lock() // draining is set: ListenControl starts nothing from now on
+			srv, ctl := s.http, s.ctl
+			s.mu.Unlock()
+			if srv != nil {
+				srv.Close()
+				ctl.Remove()
 			}
 			close(s.done)
 		}()
