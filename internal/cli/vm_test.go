@@ -40,7 +40,7 @@ func TestVMCommandsEndToEnd(t *testing.T) {
 	var logs lockedBuffer
 	code := make(chan int, 1)
 	go func() {
-		code <- Run([]string{"serve", "--control", ctl, "--socket", sockA, "--snapshot", snapA, "--max-vms", "2"}, io.Discard, &logs)
+		code <- Run([]string{"serve", "--control", ctl, "--socket", sockA, "--snapshot", snapA, "--max-vms", "2", "--metrics-addr", "127.0.0.1:0"}, io.Discard, &logs)
 	}()
 	waitFor(t, "the control socket", func() bool { _, err := os.Stat(ctl); return err == nil })
 	defer func() {
@@ -83,6 +83,17 @@ func TestVMCommandsEndToEnd(t *testing.T) {
 		m := row.FindStringSubmatch(lines[1+1-i]) // sorted: b, default
 		if m == nil || m[1] != want[0] || m[2] != want[1] || m[3] != want[2] {
 			t.Errorf("vm ls row of %s: %q", want[0], lines[1+1-i])
+		}
+	}
+	// Metrics per binding.
+	addr := regexp.MustCompile(`msg=metrics addr=(\S+)`).FindStringSubmatch(logs.String())
+	if addr == nil {
+		t.Fatalf("no metrics address logged:\n%s", logs.String())
+	}
+	body := scrape(t, addr[1])
+	for _, want := range []string{"faultline_fleet_bindings 2", `faultline_vm_live{vm_id="b"} 1`, `faultline_vm_pages_installed_total{vm_id="default"} 2048`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
 		}
 	}
 	if c, out, _ = run("vm", "show", "b", "--control", ctl); c != 0 || !strings.Contains(out, `"pages": 2048`) || !strings.Contains(out, `"state": "listening"`) {
@@ -146,3 +157,23 @@ func TestVMCommandsEndToEnd(t *testing.T) {
 }
 
 func syscallKillSelf() error { return syscall.Kill(os.Getpid(), syscall.SIGTERM) }
+
+func TestServeControlUsage(t *testing.T) {
+	ctl := filepath.Join(t.TempDir(), "c.sock")
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"serve", "--control", ctl, "--record"}, "--socket and one of"},
+		{[]string{"serve", "--control", ctl, "--socket", "/x"}, "--socket and one of"},
+		{[]string{"serve", "--control", ctl, "--cache-size", "64M", "--min-snapshot-cache", "128M"}, "at most --cache-size"},
+	} {
+		var out lockedBuffer
+		if c := Run(tc.args, io.Discard, &out); c != 2 || !strings.Contains(out.String(), tc.msg) {
+			t.Errorf("%q: exit %d: %s", tc.args, c, out.String())
+		}
+	}
+	if _, err := os.Lstat(ctl); !os.IsNotExist(err) {
+		t.Errorf("a usage error left a control socket: %v", err)
+	}
+}
