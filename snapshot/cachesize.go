@@ -1,9 +1,9 @@
 package snapshot
 
-// SetCacheSize changes the bound of the decompressed-chunk cache (Options.CacheSize) of an open
-// snapshot: a daemon serving many snapshots divides one memory bound among those open, and
-// resizes each as snapshots come and go. Shrinking evicts the least recently used chunks nobody
-// holds at once; a size <= 0 means DefaultCacheSize.
+// SetCacheSize changes the bound of the cache of decompressed frames (Options.CacheSize) of an
+// open snapshot: a daemon serving many snapshots divides one memory bound among those open, and
+// resizes each as snapshots come and go. Shrinking evicts at once the least recently used frames
+// nobody holds; a size <= 0 means DefaultCacheSize.
 func (s *Snapshot) SetCacheSize(n int64) {
 	if n <= 0 {
 		n = DefaultCacheSize

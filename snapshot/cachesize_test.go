@@ -12,7 +12,7 @@ func TestSetCacheSize(t *testing.T) {
 	for c := 0; c < 8; c++ { // no chunk all zero
 		img[c<<21+100] = 1
 	}
-	dir := pack(t, img, PackOptions{})
+	dir := pack(t, img, PackOptions{FrameSize: 2 << 20}) // the cache's unit: one chunk
 	s, err := OpenWith(dir, Options{CacheSize: 8 << 21})
 	if err != nil {
 		t.Fatal(err)
