@@ -24,9 +24,12 @@ const chunkMagic = "FLCHUNK2"
 // dictSize is the bytes of sampled pages Pack puts in a chunk directory's dictionary.
 const dictSize = 64 << 10
 
-// A frameLoc is where one frame of the image is stored, precomputed at Open for every frame.
+// maxFramesPerChunk bounds chunk_size / frame_size, so that a manifest cannot make a reader
+// allocate far more than its own size.
+const maxFramesPerChunk = 4096
+
+// A frameLoc is where one frame of a chunk is stored, precomputed at Open.
 type frameLoc struct {
-	chunk  int32
 	stored int32 // bytes in the chunk file; 0: the frame's pages are all zero
 	off    int64 // offset in the chunk file
 	hash   [32]byte

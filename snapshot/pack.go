@@ -117,8 +117,8 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 	if o.PageSize < 512 || o.PageSize&(o.PageSize-1) != 0 || o.ChunkSize <= 0 || o.ChunkSize%o.PageSize != 0 || o.ChunkSize > maxChunkSize {
 		return nil, fmt.Errorf("pack: chunk size %d must be a multiple of the page size %d (a power of two), at most 1 GiB", o.ChunkSize, o.PageSize)
 	}
-	if o.FrameSize <= 0 || o.FrameSize%o.PageSize != 0 || o.ChunkSize%o.FrameSize != 0 {
-		return nil, fmt.Errorf("pack: frame size %d must be a multiple of the page size %d that divides the chunk size %d", o.FrameSize, o.PageSize, o.ChunkSize)
+	if o.FrameSize <= 0 || o.FrameSize%o.PageSize != 0 || o.ChunkSize%o.FrameSize != 0 || o.ChunkSize/o.FrameSize > maxFramesPerChunk {
+		return nil, fmt.Errorf("pack: frame size %d must be a multiple of the page size %d that divides the chunk size %d into at most %d frames", o.FrameSize, o.PageSize, o.ChunkSize, maxFramesPerChunk)
 	}
 	f, err := os.Open(memFile)
 	if err != nil {
