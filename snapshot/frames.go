@@ -15,8 +15,8 @@ import (
 // chunk's.
 
 // DefaultFrameSize is the image bytes per frame Pack uses when PackOptions leaves it 0 (for a
-// page size above it, one page). BENCHMARKS.md ("Pack") and FORMAT.md say why 64 KiB.
-const DefaultFrameSize = 64 << 10
+// page size above it, one page). BENCHMARKS.md ("Pack") and FORMAT.md say why 32 KiB.
+const DefaultFrameSize = 32 << 10
 
 // chunkMagic starts every chunk file; the frame table follows it.
 const chunkMagic = "FLCHUNK2"

@@ -37,7 +37,7 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 	noDrop := fs.Bool("no-drop-caches", false, "do not drop the page cache before cold cases (they are then not cold)")
 	cacheSize := fs.String("cache-size", "256M", "the daemon's bound of decompressed frames in memory, as serve --cache-size")
 	chunkSize := fs.String("chunk-size", "2M", "the packed snapshot's chunk size, as pack --chunk-size")
-	frameSize := fs.String("frame-size", "64K", "the packed snapshot's frame size, as pack --frame-size")
+	frameSize := fs.String("frame-size", "32K", "the packed snapshot's frame size, as pack --frame-size")
 	seed := fs.Uint64("seed", 1, "seed of the image and the traces")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process (the daemon's side) to `file`")
 	casesFlag := fs.String("cases", "", "comma-separated cases to run (default: all of "+strings.Join(bench.RestoreCases, ",")+")")

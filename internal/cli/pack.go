@@ -24,7 +24,7 @@ func init() {
 }
 
 func runPack(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--frame-size 64K] [--page-size 4K] [--level N]\n\n"+
+	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--frame-size 32K] [--page-size 4K] [--level N]\n\n"+
 		"Pack cuts the memory file into chunks, drops the zero pages, compresses each chunk's frames\n"+
 		"with zstd on every core and names the chunk by its SHA-256. With --base, M is a Firecracker diff memory file\n"+
 		"(its holes are the base's pages) and unchanged chunks are the base's. DIR holds its chunks\n"+
@@ -34,7 +34,7 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 	base := fs.String("base", "", "a snapshot the memory file is a diff over")
 	store := fs.String("store", "", "a chunk store shared by several snapshots")
 	chunk := fs.String("chunk-size", "2M", "image bytes per chunk (K, M suffixes), a multiple of the page size")
-	frame := fs.String("frame-size", "64K", "image bytes per frame, the unit of a read (default 64K, or the page size if larger)")
+	frame := fs.String("frame-size", "32K", "image bytes per frame, the unit of a read (default 32K, or the page size if larger)")
 	page := fs.String("page-size", "4K", "the zero map's unit: the guest's page size (2M for a hugetlb guest)")
 	level := fs.Int("level", 1, "zstd level: 1 fastest (the default: 2% bigger than 3 and 1.5x faster), 3, 7, 11 smallest")
 	if code, ok := parseFlags(fs, args); !ok {
