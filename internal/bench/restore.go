@@ -383,7 +383,7 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 	} else {
 		cfg := daemon.Config{Socket: filepath.Join(rb.dir, "uffd.sock"),
 			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CacheSize: rb.o.CacheSize,
-			Engine: engine.Options{SpinReads: spinReads(), FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}}}
+			Engine: engine.Options{FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}}}
 		switch c {
 		case CaseRawCold:
 			cfg.MemFile = rb.raw
@@ -523,11 +523,4 @@ func diskSectorsRead(dev string) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("device %s not in /proc/diskstats", dev)
-}
-
-func spinReads() int {
-	if os.Getenv("FL_NOSPIN") != "" {
-		return -1
-	}
-	return 0
 }
