@@ -106,6 +106,9 @@ func TestRoundTrip(t *testing.T) {
 		{"random", rnd, PackOptions{ChunkSize: 512 << 10}},
 		{"text", text[:len(text)-77], PackOptions{}},
 		{"hugetlb-pages", sample(t, 12<<20, 9), PackOptions{PageSize: 2 << 20}},
+		{"partial-frame", sample(t, 5<<20+20480+100, 10), PackOptions{}},
+		{"small-frames", sample(t, 3<<20+8192, 11), PackOptions{ChunkSize: 1 << 20, FrameSize: 16 << 10}},
+		{"frame-is-chunk", sample(t, 5<<20, 12), PackOptions{FrameSize: 2 << 20}},
 		{"empty", nil, PackOptions{}},
 		{"one-byte", []byte{9}, PackOptions{}},
 	}
