@@ -7,9 +7,9 @@ import (
 	"sync"
 )
 
-// cache holds decompressed frames (by frame index), at most limit bytes of them not in use, evicting the least
-// recently used. A chunk missing from it is loaded by the first reader that wants it; readers
-// that come while it loads wait for that one load (single flight).
+// cache holds decompressed frames (by frame index), at most limit bytes of them not in use,
+// evicting the least recently used. A frame missing from it is loaded by the first reader that
+// wants it; readers that come while it loads wait for that one load (single flight).
 type cache struct {
 	mu     sync.Mutex
 	limit  int64

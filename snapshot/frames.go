@@ -142,13 +142,20 @@ func readHeader(b []byte) ([]byte, error) {
 func (m *Manifest) maxTable() int64 { return int64(m.ChunkSize/m.FrameSize) * (10 + 32) }
 
 // chunkFileName is the name of a chunk's file in its chunk directory: the SHA-256 of its image
-// bytes, and with a dictionary the first 16 hex digits of the dictionary's, since the same
-// bytes compressed with another dictionary are another file.
+// bytes and its layout (layoutID): the same bytes cut into other frames, or compressed with
+// another dictionary, are another file.
 func (m *Manifest) chunkFileName(c ChunkEntry) string {
+	return c.Hash + "-" + m.layoutID() + ".chunk"
+}
+
+// layoutID is the first 16 hex digits of the SHA-256 of "faultline-frames", the frame size and
+// the page size (decimal, each after a "/"), and "/" and the dictionary's hash if there is one.
+func (m *Manifest) layoutID() string {
+	l := fmt.Sprintf("faultline-frames/%d/%d", m.FrameSize, m.PageSize)
 	if m.Dict != nil {
-		return c.Hash + "-" + m.Dict.Hash[:16] + ".chunk"
+		l += "/" + m.Dict.Hash
 	}
-	return c.Hash + ".chunk"
+	return hashHex([]byte(l))[:16]
 }
 
 // ChunkFileName is the file name of chunk i (FORMAT.md), "" for an all-zero chunk.
@@ -162,12 +169,10 @@ func (m *Manifest) ChunkFileName(i int) string {
 // dictFileName is the dictionary's file name in the chunk directory.
 func (d *DictRef) fileName() string { return d.Hash + ".dict" }
 
-// dictID is the zstd dictionary ID of a dictionary: from its hash, in the range RFC 8878
-// leaves to private use.
-func (d *DictRef) id() uint32 {
-	b, _ := hex.DecodeString(d.Hash[:8])
-	return 32768 + binary.BigEndian.Uint32(b)%(1<<31-32768)
-}
+// id is the zstd dictionary ID frames name their dictionary with: 0, what RFC 8878 gives a
+// raw-content dictionary, so that the zstd tool decodes them (zstd -D); the frame hashes
+// catch a wrong dictionary.
+func (d *DictRef) id() uint32 { return 0 }
 
 // hashHex is the lowercase hex SHA-256 of b.
 func hashHex(b []byte) string {

@@ -113,7 +113,7 @@ type Frame struct {
 	Raw     int64    `json:"raw"`     // payload bytes
 	Stored  int64    `json:"stored"`  // bytes in the extent file
 	Enc     Encoding `json:"enc"`
-	Hash    string   `json:"sha256,omitempty"` // SHA-256 (hex) of the payload; empty when Raw is 0
+	Hash    string   `json:"sha256,omitempty"` // SHA-256 (hex) of the stored bytes; empty when Raw is 0
 }
 
 // Pages is the number of pages of the image (the last may be partial).
@@ -316,6 +316,10 @@ func (m *Manifest) validateWorkingSet() error {
 		}
 		if f.Raw != raw {
 			return fmt.Errorf("frame %d: %d payload bytes, its pages hold %d", i, f.Raw, raw)
+		}
+		if f.Raw > frameTarget+m.PageSize {
+			// What WriteWorkingSet makes: a reader decompresses a frame into one buffer.
+			return fmt.Errorf("frame %d: %d payload bytes, more than %d", i, f.Raw, frameTarget+m.PageSize)
 		}
 		switch {
 		case raw == 0:

@@ -3,7 +3,6 @@ package snapshot
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -190,6 +189,7 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 				return
 			}
 			defer w.enc.Close()
+			defer w.dec.Close()
 			for j := range jobs {
 				r := w.pack(j)
 				if j.buf != nil {
@@ -327,8 +327,9 @@ type packer struct {
 	chunkDir string
 	base     *Snapshot
 	enc      *zstd.Encoder
-	out      []byte // the chunk file being built
-	comp     []byte // one frame compressed
+	dec      *zstd.Decoder // for checking a chunk file found already there
+	out      []byte        // the chunk file being built
+	comp     []byte        // one frame compressed
 	table    []byte
 	hdr      []byte
 }
@@ -343,7 +344,16 @@ func newPacker(m *Manifest, chunkDir string, base *Snapshot, level int, dict []b
 	if err != nil {
 		return nil, err
 	}
-	return &packer{m: m, chunkDir: chunkDir, base: base, enc: enc}, nil
+	dopts := []zstd.DOption{zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(m.FrameSize) + 1<<20)}
+	if dict != nil {
+		dopts = append(dopts, zstd.WithDecoderDictRaw(m.Dict.id(), dict))
+	}
+	dec, err := zstd.NewReader(nil, dopts...)
+	if err != nil {
+		enc.Close()
+		return nil, err
+	}
+	return &packer{m: m, chunkDir: chunkDir, base: base, enc: enc, dec: dec}, nil
 }
 
 // packDict returns the dictionary the chunks are compressed with and sets m.Dict: a diff's
@@ -479,24 +489,20 @@ func (w *packer) pack(j packJob) packResult {
 		}
 		at += n
 	}
-	if fi, err := os.Stat(filepath.Join(w.chunkDir, name)); err == nil {
+	hashes := make([][32]byte, nf)
+	payloads := make([]int64, nf)
+	for k, f := range frames {
+		hashes[k], payloads[k] = f.hash, f.n
+	}
+	if t, size, err := w.existing(name, hashes, payloads); err == nil {
 		// The file is there (a store, a second pack into this directory, the same chunk
-		// twice): its frame table is the entry's, once its frames are those of these bytes.
-		t, err := w.existingTable(name, fi.Size(), nf, func(k int) int64 { return frames[k].n })
-		if err == nil {
-			recs, _ := parseTable(nf, t, func(k int) int64 { return frames[k].n })
-			for k, rec := range recs {
-				if rec.stored > 0 && rec.hash != frames[k].hash {
-					err = fmt.Errorf("frame %d's hash differs", k)
-				}
-			}
-		}
-		if err == nil {
-			r.entry = ChunkEntry{Hash: hash, Stored: fi.Size(), Enc: EncFrames, Frames: t}
-			r.reused = true
-			return r
-		}
-		// A damaged or foreign file under the chunk's name: write it anew.
+		// twice) and holds these bytes: its frame table is the entry's.
+		r.entry = ChunkEntry{Hash: hash, Stored: size, Enc: EncFrames, Frames: t}
+		r.reused = true
+		return r
+	} else if !errors.Is(err, os.ErrNotExist) {
+		r.err = err
+		return r
 	}
 	w.table = w.table[:0]
 	w.out = w.out[:0]
@@ -520,49 +526,93 @@ func (w *packer) pack(j packJob) packResult {
 	w.hdr = file[:0]
 	r.entry = ChunkEntry{Hash: hash, Stored: int64(len(file)), Enc: EncFrames, Frames: append([]byte(nil), w.table...)}
 	r.err = w.writeChunk(name, file)
+	if errors.Is(r.err, os.ErrExist) {
+		// Another pack into the store wrote it meanwhile: use its file, never replace it
+		// (its snapshot's manifest holds that file's frame table).
+		t, size, err := w.existing(name, hashes, payloads)
+		r.entry, r.reused, r.err = ChunkEntry{Hash: hash, Stored: size, Enc: EncFrames, Frames: t}, true, err
+	}
 	return r
 }
 
-// existingTable reads and checks the frame table of the chunk file name that is already in
-// the chunk directory: n frames, whose payload lengths payloadOf gives (the zero map of the
-// chunk is not in the manifest yet).
-func (w *packer) existingTable(name string, size int64, n int, payloadOf func(int) int64) ([]byte, error) {
-	f, err := os.Open(filepath.Join(w.chunkDir, name))
+// existing checks the chunk file name already in the chunk directory and returns its frame
+// table and size: its frames must be those whose payload hashes and lengths are given, and
+// every stored frame must decompress to its hash. An error matching os.ErrNotExist means there
+// is no such file; any other is a file under the chunk's name that does not hold its bytes,
+// which pack never replaces (the snapshots using it hold its frame table): verify them.
+func (w *packer) existing(name string, hashes [][32]byte, payloads []int64) ([]byte, int64, error) {
+	path := filepath.Join(w.chunkDir, name)
+	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	defer f.Close()
-	hdr := make([]byte, min(size, int64(len(chunkMagic))+binary.MaxVarintLen64+w.m.maxTable()))
-	if err := readAtExact(f, hdr, 0); err != nil {
-		return nil, err
+	bad := func(err error) ([]byte, int64, error) {
+		return nil, 0, fmt.Errorf("pack: %s is there but does not hold the chunk's bytes (%v): run faultline snapshot verify on the snapshots using it", path, err)
 	}
-	t, err := readHeader(hdr)
+	t, err := readHeader(b)
 	if err != nil {
-		return nil, err
+		return bad(err)
 	}
 	t = append([]byte(nil), t...)
-	recs, err := parseTable(n, t, payloadOf)
+	recs, err := parseTable(len(payloads), t, func(k int) int64 { return payloads[k] })
 	if err != nil {
-		return nil, err
+		return bad(err)
 	}
-	total := headerLen(t)
-	for _, r := range recs {
-		total += r.stored
+	at := headerLen(t)
+	var buf []byte
+	for k, r := range recs {
+		if r.stored == 0 {
+			continue
+		}
+		if r.hash != hashes[k] {
+			return bad(fmt.Errorf("frame %d's hash differs", k))
+		}
+		if at+r.stored > int64(len(b)) {
+			return bad(errors.New("truncated"))
+		}
+		data := b[at : at+r.stored]
+		if r.stored < payloads[k] {
+			if buf, err = w.dec.DecodeAll(data, buf[:0]); err != nil {
+				return bad(fmt.Errorf("frame %d: zstd: %v", k, err))
+			}
+			data = buf
+		}
+		if sha256.Sum256(data) != r.hash {
+			return bad(fmt.Errorf("frame %d does not match its hash", k))
+		}
+		at += r.stored
 	}
-	if total != size {
-		return nil, fmt.Errorf("file of %d bytes, its frames hold %d", size, total)
+	if at != int64(len(b)) {
+		return bad(fmt.Errorf("file of %d bytes, its frames hold %d", len(b), at))
 	}
-	return t, nil
+	return t, int64(len(b)), nil
 }
 
-// writeChunk writes a chunk file: temp file, fsync, rename, so that a chunk's name never holds
-// part of it. The directory is synced once, by Pack, before the manifest.
+// writeChunk writes a chunk file: temp file, fsync, then a hard link to its name, so that a
+// chunk's name never holds part of it and never replaces a file already there (another pack
+// into the store may have written it meanwhile: os.ErrExist). The directory is synced once, by
+// Pack, before the manifest.
 func (w *packer) writeChunk(name string, data []byte) error {
 	f, err := createTemp(w.chunkDir, name)
 	if err != nil {
 		return err
 	}
-	return commitTemp(f, filepath.Join(w.chunkDir, name), data, 0o444, false)
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(0o444)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return os.Link(tmp, filepath.Join(w.chunkDir, name))
 }
 
 // linkFromBase makes the base's chunk file part of this snapshot's chunk directory (a hard link,
@@ -581,7 +631,10 @@ func (w *packer) linkFromBase(idx int, c ChunkEntry) error {
 	if err != nil {
 		return fmt.Errorf("base chunk %d: %w", idx, err)
 	}
-	return w.writeChunk(name, data)
+	if err := w.writeChunk(name, data); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return nil
 }
 
 // readFull reads len(b) bytes at off; a short read means the memory file shrank while packing.

@@ -36,6 +36,7 @@ type Snapshot struct {
 	m      *Manifest
 	frames [][]frameLoc // per chunk, per frame (nil for an all-zero chunk)
 	dec    *zstd.Decoder
+	decMu  sync.RWMutex // held shared by a decompression, exclusively by Close (which frees dec)
 	cache  cache
 	comp   sync.Pool // *[]byte buffers for compressed frame bytes
 	closed atomic.Bool
@@ -141,8 +142,18 @@ func openFiles(ctx context.Context, name string, f Files, o Options, check bool)
 	return s, nil
 }
 
-// readDict reads and verifies the dictionary.
+// readDict reads and verifies the dictionary; one that fails its hash is reported to the Files
+// (a cache drops its copy) and read once more.
 func (s *Snapshot) readDict(ctx context.Context) ([]byte, error) {
+	b, err := s.readDictOnce(ctx)
+	if errors.Is(err, ErrCorrupt) {
+		s.files.Corrupt(s.m.Dict.fileName())
+		b, err = s.readDictOnce(ctx)
+	}
+	return b, err
+}
+
+func (s *Snapshot) readDictOnce(ctx context.Context) ([]byte, error) {
 	d := s.m.Dict
 	f, err := s.files.Chunk(ctx, d.fileName(), d.Size)
 	if err != nil {
@@ -281,9 +292,9 @@ func (s *Snapshot) readFrameOnce(ctx context.Context, g int, loc *frameLoc, c Ch
 	if int64(loc.stored) == payload {
 		copy(dst, comp)
 	} else {
-		out, err := s.dec.DecodeAll(comp, dst[:0:payload])
+		out, err := s.decodeAll(comp, dst[:0:payload])
 		if err != nil {
-			return corruptf("zstd: %v", err)
+			return err
 		}
 		if int64(len(out)) != payload {
 			return corruptf("decompressed to %d bytes, want %d", len(out), payload)
@@ -444,9 +455,25 @@ func (s *Snapshot) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
+	s.decMu.Lock() // after the decompressions running now: the decoder's state goes with it
 	s.dec.Close()
+	s.decMu.Unlock()
 	s.cache.drop()
 	return nil
+}
+
+// decodeAll decompresses one zstd frame into dst, unless the snapshot is closed.
+func (s *Snapshot) decodeAll(src, dst []byte) ([]byte, error) {
+	s.decMu.RLock()
+	defer s.decMu.RUnlock()
+	if s.closed.Load() {
+		return nil, errClosed
+	}
+	out, err := s.dec.DecodeAll(src, dst)
+	if err != nil {
+		return nil, corruptf("zstd: %v", err)
+	}
+	return out, nil
 }
 
 // CacheStats counts the cache's work since Open.

@@ -174,6 +174,10 @@ type WorkingSetReader struct {
 	pos     int           // next order index
 	end     int           // order index where cur ends
 	data    []byte        // cur's payload not handed out yet
+	err     error         // the first error Next returned: every later call returns it
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // wsFrames is how many frames are read ahead of the one being installed.
@@ -204,13 +208,15 @@ func (s *Snapshot) OpenWorkingSetContext(ctx context.Context) (*WorkingSetReader
 	if err != nil {
 		return nil, err
 	}
-	f, err := s.files.Extent(ctx, w.Extent, w.ExtentSize)
-	if err != nil {
-		return nil, fmt.Errorf("snapshot %s: working set extent: %w", s.dir, ioError(err))
-	}
-	r := &WorkingSetReader{s: s, f: f, order: order, frames: w.Frames,
+	r := &WorkingSetReader{s: s, order: order, frames: w.Frames,
 		inOrder: make(chan *wsFrame, wsFrames), free: make(chan *wsFrame, wsFrames)}
 	r.ctx, r.cancel = context.WithCancel(ctx)
+	f, err := s.files.Extent(r.ctx, w.Extent, w.ExtentSize)
+	if err != nil {
+		r.cancel()
+		return nil, fmt.Errorf("snapshot %s: working set extent: %w", s.dir, ioError(err))
+	}
+	r.f = f
 	for range wsFrames {
 		r.free <- &wsFrame{}
 	}
@@ -297,9 +303,9 @@ func (r *WorkingSetReader) decode(slot *wsFrame) error {
 	if cap(slot.data) < int(fr.Raw) || &slot.data[:1][0] == &slot.comp[:1][0] {
 		slot.data = make([]byte, 0, max(fr.Raw, frameTarget+r.s.m.PageSize))
 	}
-	out, err := r.s.dec.DecodeAll(slot.comp, slot.data[:0:fr.Raw])
+	out, err := r.s.decodeAll(slot.comp, slot.data[:0:fr.Raw])
 	if err != nil {
-		return r.frameError(slot.idx, at, corruptf("zstd: %v", err))
+		return r.frameError(slot.idx, at, err)
 	}
 	if int64(len(out)) != fr.Raw {
 		return r.frameError(slot.idx, at, corruptf("%d payload bytes, want %d", len(out), fr.Raw))
@@ -315,6 +321,17 @@ func (r *WorkingSetReader) Pages() []uint64 { return r.order }
 // A frame that fails its hash is an error matching ErrCorrupt, naming the frame and its offset
 // in the extent.
 func (r *WorkingSetReader) Next() (Run, error) {
+	if r.err != nil {
+		return Run{}, r.err // once failed, always: the pages after a bad frame are not its
+	}
+	run, err := r.next()
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return run, err
+}
+
+func (r *WorkingSetReader) next() (Run, error) {
 	for r.pos == r.end {
 		if r.cur != nil {
 			r.free <- r.cur // its pages are handed out: the reader may refill it
@@ -334,7 +351,7 @@ func (r *WorkingSetReader) Next() (Run, error) {
 			if err := r.ctx.Err(); err != nil {
 				return Run{}, fmt.Errorf("%w: %w", ErrTransient, err)
 			}
-			return Run{}, io.EOF
+			return Run{}, fmt.Errorf("snapshot %s: %w", r.s.dir, corruptf("working set extent ended at page %d of %d", r.pos, len(r.order)))
 		}
 		select {
 		case <-slot.done:
@@ -368,20 +385,24 @@ func (r *WorkingSetReader) Next() (Run, error) {
 
 // Close stops the reading and closes the extent file.
 func (r *WorkingSetReader) Close() error {
-	r.cancel()
-	// Let the reader and decoders finish: drain what they send.
-	go func() {
-		for range r.inOrder {
-		}
-	}()
-	r.wg.Wait()
-	return r.f.Close()
+	r.closeOnce.Do(func() {
+		r.cancel()
+		// Closing the extent ends a read that waits for a bucket; then the reader and decoders
+		// finish (what they still send is drained).
+		r.closeErr = r.f.Close()
+		go func() {
+			for range r.inOrder {
+			}
+		}()
+		r.wg.Wait()
+	})
+	return r.closeErr
 }
 
 // ReadWorkingSet is for callers that need the whole working set with a context (a VM going away
 // stops it): it streams every run to fn.
 func (s *Snapshot) ReadWorkingSet(ctx context.Context, fn func(Run) error) error {
-	r, err := s.OpenWorkingSet()
+	r, err := s.OpenWorkingSetContext(ctx)
 	if err != nil {
 		return err
 	}

@@ -35,7 +35,7 @@ func TestPackInspectVerifyUnpack(t *testing.T) {
 	if code != 0 || errs != "" {
 		t.Fatalf("inspect: exit %d, stderr %q", code, errs)
 	}
-	for _, want := range []string{"image        9.0 MiB (9441280 bytes), pages of 4 KiB, chunks of 1 MiB\n",
+	for _, want := range []string{"image        9.0 MiB (9441280 bytes), pages of 4 KiB, chunks of 1 MiB in frames of 32 KiB\n", "dictionary   64 KiB",
 		"stored       ", "ratio ", "zero         ", "of 10 chunks all zero", "working set  none\n"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("inspect output has no %q:\n%s", want, out)
