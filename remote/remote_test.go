@@ -1,0 +1,419 @@
+package remote
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/faultline-go/faultline/chunkcache"
+	"github.com/faultline-go/faultline/internal/s3test"
+	"github.com/faultline-go/faultline/snapshot"
+)
+
+// packed packs a sample image of size bytes (snapshot.SampleImage of seed: images of one seed
+// share their first chunks) with a working set of its first pages.
+func packed(t testing.TB, size int64, seed uint64) string {
+	t.Helper()
+	tmp := t.TempDir()
+	mem := filepath.Join(tmp, "mem")
+	f, err := os.Create(mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := snapshot.SampleImage(f, size, seed); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	dir := filepath.Join(tmp, "snap")
+	if _, err := snapshot.Pack(context.Background(), mem, dir, snapshot.PackOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var pages []uint64
+	for p := range uint64(size / 4096 / 4) {
+		pages = append(pages, p*3%uint64(size/4096))
+	}
+	if err := snapshot.WriteWorkingSet(dir, pages); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// newClient is a client of the snapshot at url on endpoint, with srv's credentials and quick
+// retries.
+func newClient(t testing.TB, srv *s3test.Server, endpoint, url string) *Client {
+	t.Helper()
+	loc, err := ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(loc, Config{Endpoint: endpoint, Credentials: credentials.NewStaticV4(srv.Access, srv.Secret, ""),
+		Backoff: 5 * time.Millisecond, MaxBackoff: 100 * time.Millisecond, Stall: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestParseURL(t *testing.T) {
+	for _, tc := range []struct {
+		in, bucket, prefix, err string
+	}{
+		{in: "s3://snaps/tmpl/v1", bucket: "snaps", prefix: "tmpl/v1"},
+		{in: "s3://snaps/tmpl/", bucket: "snaps", prefix: "tmpl"},
+		{in: "s3://snaps", bucket: "snaps"},
+		{in: "s3://snaps/chunks", err: "chunk namespace"},
+		{in: "s3://snaps/chunks/x", err: "chunk namespace"},
+		{in: "s3://snaps/a/../b", err: "not clean"},
+		{in: "s3://Snaps/x", err: "lowercase"},
+		{in: "s3://ab/x", err: "3 to 63"},
+		{in: "/local/dir", err: "want s3://"},
+	} {
+		loc, err := ParseURL(tc.in)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s: err %v, want %q", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || loc.Bucket != tc.bucket || loc.Prefix != tc.prefix {
+			t.Errorf("%s: %+v, %v", tc.in, loc, err)
+		}
+	}
+	if k := ChunkKey("ab12.zst", 777); k != "chunks/ab12-777.zst" {
+		t.Errorf("ChunkKey: %s", k)
+	}
+}
+
+// Push, then push again (nothing uploaded), then a bigger image of the same seed (only its new
+// chunks uploaded); every object in the bucket is the local file's bytes.
+func TestPush(t *testing.T) {
+	srv := s3test.Start(t)
+	dir := packed(t, 16<<20, 1)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/tmpl/a")
+	var calls int
+	var last, total int64
+	st, err := Push(context.Background(), dir, c, PushOptions{Progress: func(d, tot int64) { calls++; last, total = d, tot }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := snapshot.ReadManifest(dir)
+	stored := 0
+	for _, ch := range m.Chunks {
+		if ch.Enc != snapshot.EncZero {
+			stored++
+		}
+	}
+	if !st.BucketCreated || st.Uploaded != stored+2 || st.Skipped != 0 || calls < 2 || last != total {
+		t.Fatalf("first push: %+v (progress %d calls, %d of %d); %d stored chunks", st, calls, last, total, stored)
+	}
+	// What is in the bucket is the snapshot's files.
+	objs, err := c.List(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ch := range m.Chunks {
+		if ch.Enc == snapshot.EncZero {
+			continue
+		}
+		key := ChunkKey(ChunkFileName(ch), ch.Stored)
+		if objs[key] != ch.Stored {
+			t.Fatalf("%s: %d bytes in the bucket, want %d", key, objs[key], ch.Stored)
+		}
+	}
+	got, err := c.GetBytes(context.Background(), "tmpl/a/manifest.json")
+	want, _ := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("manifest in the bucket differs (%v)", err)
+	}
+
+	st, err = Push(context.Background(), dir, c, PushOptions{})
+	if err != nil || st.Uploaded != 0 || st.UploadedBytes != 0 || st.BucketCreated {
+		t.Fatalf("second push: %+v, %v", st, err)
+	}
+
+	// A second snapshot whose first 16 MiB are the same image: only the rest is uploaded.
+	dir2 := packed(t, 24<<20, 1)
+	c2 := newClient(t, srv, srv.Endpoint, "s3://snaps/tmpl/b")
+	st, err = Push(context.Background(), dir2, c2, PushOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2, _ := snapshot.ReadManifest(dir2)
+	newChunks := map[string]bool{}
+	for _, ch := range m2.Chunks[8:] {
+		if ch.Enc != snapshot.EncZero {
+			newChunks[ch.Hash] = true
+		}
+	}
+	// New: those chunks, the extent and the manifest.
+	if st.Uploaded != len(newChunks)+2 || st.Skipped < 4 {
+		t.Fatalf("push of a snapshot sharing 8 chunks: %+v; %d new chunks", st, len(newChunks))
+	}
+}
+
+// Files serves every chunk and the extent as their local files' bytes, and a chunk read twice
+// is fetched once.
+func TestFiles(t *testing.T) {
+	srv := s3test.Start(t)
+	dir := packed(t, 8<<20, 2)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/x")
+	if _, err := Push(context.Background(), dir, c, PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	proxy := s3test.NewProxy(t, srv.Endpoint)
+	rc := newClient(t, srv, proxy.URL, "s3://snaps/x")
+	cache, err := chunkcache.Open(t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cache.Close()
+	f := NewFiles(rc, cache, nil)
+	mb, err := f.Manifest(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := snapshot.DecodeManifest(mb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		for _, ch := range m.Chunks {
+			if ch.Enc == snapshot.EncZero {
+				continue
+			}
+			name := ChunkFileName(ch)
+			file, err := f.Chunk(context.Background(), name, ch.Stored)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, ch.Stored)
+			if _, err := file.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			file.Close()
+			want, _ := os.ReadFile(filepath.Join(dir, "chunks", name))
+			if !bytes.Equal(got, want) {
+				t.Fatalf("chunk %s: bytes differ", name)
+			}
+		}
+	}
+	for path, n := range proxy.PerPath("GET", "/chunks/") {
+		if n != 1 {
+			t.Errorf("%s: %d GETs, want 1", path, n)
+		}
+	}
+	for i := range 2 {
+		r, err := f.Extent(context.Background(), m.WorkingSet.Extent, m.WorkingSet.ExtentSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(r)
+		r.Close()
+		want, _ := os.ReadFile(filepath.Join(dir, m.WorkingSet.Extent))
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("extent read %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	if n := proxy.Count("GET", m.WorkingSet.Extent); n != 1 {
+		t.Fatalf("extent: %d GETs for two reads, want 1 (the second from the cache)", n)
+	}
+}
+
+// A missing object is snapshot.ErrMissing, at once (not retried).
+func TestMissingObject(t *testing.T) {
+	srv := s3test.Start(t)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/none")
+	if _, err := c.EnsureBucket(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	cache, _ := chunkcache.Open(t.TempDir(), 1<<20)
+	defer cache.Close()
+	f := NewFiles(c, cache, nil)
+	_, err := f.Chunk(context.Background(), strings.Repeat("ab", 32)+".zst", 1000)
+	if !errors.Is(err, snapshot.ErrMissing) || !strings.Contains(err.Error(), "chunks/abab") {
+		t.Fatalf("err %v, want ErrMissing naming the object", err)
+	}
+	_, err = f.Manifest(context.Background())
+	if !errors.Is(err, snapshot.ErrMissing) || !strings.Contains(err.Error(), "none/manifest.json") {
+		t.Fatalf("manifest: %v", err)
+	}
+	if st := c.Stats(); st.Retries != 0 {
+		t.Fatalf("%d retries of a missing object", st.Retries)
+	}
+}
+
+// Wrong or missing credentials: Check says so, before any object is read.
+func TestWrongCredentials(t *testing.T) {
+	srv := s3test.Start(t)
+	good := newClient(t, srv, srv.Endpoint, "s3://snaps/x")
+	if _, err := good.EnsureBucket(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	loc, _ := ParseURL("s3://snaps/x")
+	bad, err := New(loc, Config{Endpoint: srv.Endpoint, Credentials: credentials.NewStaticV4(srv.Access, "wrong-secret", "")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = bad.Check(context.Background())
+	if !errors.Is(err, ErrAccess) {
+		t.Fatalf("wrong secret: %v, want ErrAccess", err)
+	}
+	t.Logf("wrong secret: %v", err)
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	none, _ := New(loc, Config{Endpoint: srv.Endpoint})
+	_, err = none.Check(context.Background())
+	if !errors.Is(err, ErrAccess) || !strings.Contains(err.Error(), "AWS_ACCESS_KEY_ID") {
+		t.Fatalf("no credentials: %v", err)
+	}
+	// From the environment, as the AWS tools read them.
+	t.Setenv("AWS_ACCESS_KEY_ID", srv.Access)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", srv.Secret)
+	env, _ := New(loc, Config{Endpoint: srv.Endpoint})
+	if ok, err := env.Check(context.Background()); err != nil || !ok {
+		t.Fatalf("credentials from the environment: %v, %v", ok, err)
+	}
+}
+
+// 503 SlowDown is answered by backing off and trying again.
+func TestSlowDownBackoff(t *testing.T) {
+	srv := s3test.Start(t)
+	dir := packed(t, 4<<20, 3)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/x")
+	if _, err := Push(context.Background(), dir, c, PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	proxy := s3test.NewProxy(t, srv.Endpoint)
+	var mu sync.Mutex
+	var times []time.Time
+	proxy.Fail(func(r *http.Request) (int, string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.Method == "GET" && strings.Contains(r.URL.Path, "manifest.json") && len(times) < 4 {
+			times = append(times, time.Now())
+			return 503, "SlowDown"
+		}
+		return 0, ""
+	})
+	rc := newClient(t, srv, proxy.URL, "s3://snaps/x")
+	b, err := rc.GetBytes(context.Background(), "x/manifest.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := snapshot.DecodeManifest(b); err != nil {
+		t.Fatal(err)
+	}
+	if proxy.Failed() != 4 || rc.Stats().Retries != 4 {
+		t.Fatalf("%d SlowDowns injected, %d retries", proxy.Failed(), rc.Stats().Retries)
+	}
+	// Each wait at least half the backoff, which doubles (5, 10, 20 ms: at least 2.5, 5, 10).
+	for i := 1; i < len(times); i++ {
+		if gap, min := times[i].Sub(times[i-1]), (5*time.Millisecond<<(i-1))/2; gap < min {
+			t.Errorf("retry %d came %v after the previous, want at least %v", i, gap, min)
+		}
+	}
+	// A server that keeps saying SlowDown: the error says so and is transient.
+	proxy.Fail(func(r *http.Request) (int, string) { return 503, "SlowDown" })
+	loc, _ := ParseURL("s3://snaps/x")
+	few, _ := New(loc, Config{Endpoint: proxy.URL, Credentials: credentials.NewStaticV4(srv.Access, srv.Secret, ""), Attempts: 3, Backoff: time.Millisecond})
+	_, err = few.GetBytes(context.Background(), "x/manifest.json")
+	if !errors.Is(err, snapshot.ErrTransient) || !strings.Contains(err.Error(), "after 3 attempts") {
+		t.Fatalf("persistent SlowDown: %v", err)
+	}
+}
+
+// The server stopped in the middle of reading: the client retries until it is back, and the
+// read completes with the right bytes.
+func TestServerRestart(t *testing.T) {
+	srv := s3test.Start(t)
+	dir := packed(t, 4<<20, 4)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/x")
+	if _, err := Push(context.Background(), dir, c, PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	srv.Stop()
+	done := make(chan error, 1)
+	var got []byte
+	go func() {
+		var err error
+		got, err = c.GetBytes(context.Background(), "x/manifest.json")
+		done <- err
+	}()
+	// Restarted once the client has been refused at least twice.
+	for deadline := time.Now().Add(10 * time.Second); c.Stats().Retries < 2; {
+		if time.Now().After(deadline) {
+			t.Fatal("no retries while the server was down")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	srv.Restart()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("wrong bytes after the restart")
+	}
+}
+
+// A server that accepts and never answers: each attempt is abandoned after Stall, and the error
+// is transient; a cancelled context ends the wait at once.
+func TestStall(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+	loc, _ := ParseURL("s3://snaps/x")
+	c, _ := New(loc, Config{Endpoint: "http://" + ln.Addr().String(), Credentials: credentials.NewStaticV4("a", "b", ""),
+		Attempts: 2, Backoff: time.Millisecond, Stall: 200 * time.Millisecond})
+	start := time.Now()
+	_, err = c.GetBytes(context.Background(), "x/manifest.json")
+	if !errors.Is(err, snapshot.ErrTransient) || time.Since(start) < 400*time.Millisecond {
+		t.Fatalf("after %v: %v, want a transient error after two stalled attempts", time.Since(start), err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c2, _ := New(loc, Config{Endpoint: "http://" + ln.Addr().String(), Credentials: credentials.NewStaticV4("a", "b", "")})
+	go func() {
+		for c2.Stats().Gets == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		cancel()
+	}()
+	_, err = c2.GetBytes(ctx, "x/manifest.json")
+	if !errors.Is(err, snapshot.ErrTransient) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled: %v", err)
+	}
+}
