@@ -147,7 +147,7 @@ func TestAllZeroStoresNothing(t *testing.T) {
 	}
 }
 
-// onlyChunk returns the path of one chunk file of dir (the one for chunk i).
+// chunkPath returns the path of chunk i's file in dir.
 func chunkPath(t *testing.T, dir string, i int) string {
 	m, err := ReadManifest(dir)
 	if err != nil {
@@ -157,7 +157,7 @@ func chunkPath(t *testing.T, dir string, i int) string {
 	if c.Enc == EncZero {
 		t.Fatalf("chunk %d is zero", i)
 	}
-	return filepath.Join(m.chunkDir(dir), chunkFile(c.Hash, c.Enc))
+	return filepath.Join(m.chunkDir(dir), m.chunkFileName(c))
 }
 
 func TestCorruption(t *testing.T) {
@@ -174,9 +174,11 @@ func TestCorruption(t *testing.T) {
 		atOpen bool
 	}{
 		{"flipped-byte", func(t *testing.T, dir string) {
+			// A byte of chunk 1's first frame, which holds the page at 2 MiB read below.
+			m, _ := ReadManifest(dir)
 			p := chunkPath(t, dir, 1)
 			b, _ := os.ReadFile(p)
-			b[len(b)/2] ^= 0x40
+			b[headerLen(m.Chunks[1].Frames)+8] ^= 0x40
 			os.Chmod(p, 0o644)
 			os.WriteFile(p, b, 0o644)
 		}, ErrCorrupt, "chunk 1 at offset 0x200000", false},
@@ -200,8 +202,8 @@ func TestCorruption(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, ManifestName), enc, 0o644)
 		}, ErrCorrupt, "checksum", true},
 		{"wrong-version", func(t *testing.T, dir string) {
-			editManifest(t, dir, func(m *Manifest) { m.Version = 2 })
-		}, ErrVersion, "version 2", true},
+			editManifest(t, dir, func(m *Manifest) { m.Version = 3 })
+		}, ErrVersion, "version 3", true},
 		{"no-manifest", func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, ManifestName)) }, ErrNotSnapshot, "manifest.json is missing", true},
 	}
 	for _, c := range cases {
@@ -354,7 +356,7 @@ func TestSharedStore(t *testing.T) {
 	copy(b[8<<20:], sample(t, 8<<20, 22)) // second half differs
 	da := pack(t, a, PackOptions{Store: store})
 	files := func() int {
-		ents, _ := os.ReadDir(filepath.Join(store, ChunksDir))
+		ents, _ := filepath.Glob(filepath.Join(store, ChunksDir, "*.chunk"))
 		return len(ents)
 	}
 	n1 := files()
@@ -530,8 +532,9 @@ func TestCacheSingleFlight(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if st := s.CacheStats(); st.Loads != 1 || st.Hits != n-1 {
-		t.Errorf("%d goroutines on one chunk: %+v, want 1 load", n, st)
+	// The reads cover 128 KiB: two frames.
+	if st := s.CacheStats(); st.Loads != 2 || st.Hits != n-2 {
+		t.Errorf("%d goroutines on two frames: %+v, want 2 loads", n, st)
 	}
 }
 
@@ -540,7 +543,7 @@ func TestCacheBound(t *testing.T) {
 	for c := 0; c < 16; c++ { // no chunk all zero
 		img[c<<21+100] = 1
 	}
-	dir := pack(t, img, PackOptions{})
+	dir := pack(t, img, PackOptions{FrameSize: 2 << 20}) // the cache's unit: one chunk
 	s, err := OpenWith(dir, Options{CacheSize: 3 << 21})
 	if err != nil {
 		t.Fatal(err)

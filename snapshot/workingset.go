@@ -157,7 +157,7 @@ type Run struct {
 // read of its extent file, verifying each frame's hash before yielding any of its pages.
 type WorkingSetReader struct {
 	s      *Snapshot
-	f      *os.File
+	f      io.ReadCloser
 	r      *bufio.Reader
 	order  []uint64
 	frames []Frame
@@ -179,7 +179,7 @@ func (s *Snapshot) OpenWorkingSet() (*WorkingSetReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Join(s.dir, w.Extent))
+	f, err := s.files.Extent(context.Background(), w.Extent, w.ExtentSize)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: working set extent: %w", s.dir, ioError(err))
 	}
