@@ -23,6 +23,9 @@ type Files struct {
 
 	mu    sync.Mutex
 	sized map[string][]string // a chunk's FORMAT.md name → the cache names asked for it
+
+	listMu sync.Mutex
+	listed map[string]int64 // the bucket's chunk objects, listed at the first Check
 }
 
 // NewFiles reads c's snapshot through cache (shared with the host's other snapshots). log, if
@@ -44,7 +47,7 @@ func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
 
 // Chunk returns the chunk file called name (FORMAT.md), of size bytes, from the cache, fetched
 // into it first if need be.
-func (f *Files) Chunk(ctx context.Context, name string, size int64) (File, error) {
+func (f *Files) Chunk(ctx context.Context, name string, size int64) (snapshot.File, error) {
 	cname := sizedName(name, size)
 	f.note(name, cname)
 	key := ChunkKey(name, size)
@@ -68,6 +71,26 @@ func (f *Files) Extent(ctx context.Context, name string, size int64) (io.ReadClo
 		return nil, f.wrap(key, err)
 	}
 	return &errReader{r: r, f: f, key: key}, nil
+}
+
+// Check reports whether the chunk-directory file name exists in the bucket with size bytes
+// (snapshot.Checker, called at open for every chunk): the first call lists the bucket's chunks
+// once, later ones look in that list.
+func (f *Files) Check(ctx context.Context, name string, size int64) error {
+	f.listMu.Lock()
+	defer f.listMu.Unlock()
+	if f.listed == nil {
+		listed, err := f.c.List(ctx, ChunksPrefix)
+		if err != nil {
+			return f.wrap(ChunksPrefix, err) // listed again at the next Check
+		}
+		f.listed = listed
+	}
+	key := ChunkKey(name, size)
+	if sz, ok := f.listed[key]; !ok || sz != size {
+		return fmt.Errorf("remote: s3://%s/%s: %w", f.c.loc.Bucket, key, snapshot.ErrMissing)
+	}
+	return nil
 }
 
 // Corrupt forgets the cached copies of name, which failed verification, so that the next
@@ -123,8 +146,8 @@ func (r *errReader) Read(p []byte) (int, error) {
 
 func (r *errReader) Close() error { return r.r.Close() }
 
-// File is an open chunk file (snapshot.File).
-type File interface {
-	io.ReaderAt
-	io.Closer
-}
+
+var (
+	_ snapshot.Files   = (*Files)(nil)
+	_ snapshot.Checker = (*Files)(nil)
+)

@@ -3,6 +3,9 @@ package remote
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -64,7 +67,7 @@ func Push(ctx context.Context, dir string, c *Client, o PushOptions) (*PushStats
 		return nil, err
 	}
 	type upload struct {
-		idx  int // chunk index, -1 for the extent
+		idx  int // chunk index, or extentIndex, dictIndex
 		key  string
 		path string
 		size int64
@@ -73,23 +76,27 @@ func Push(ctx context.Context, dir string, c *Client, o PushOptions) (*PushStats
 	var total int64
 	seen := map[string]bool{}
 	chunkDir := localChunkDir(dir, m)
-	for i, ch := range m.Chunks {
-		if ch.Enc == snapshot.EncZero {
-			continue
-		}
-		name := ChunkFileName(ch)
-		key := ChunkKey(name, ch.Stored)
+	add := func(idx int, name string, size int64) {
+		key := ChunkKey(name, size)
 		if seen[key] {
-			continue // a chunk repeated within the snapshot
+			return // a chunk repeated within the snapshot
 		}
 		seen[key] = true
-		if sz, ok := have[key]; ok && sz == ch.Stored {
+		if sz, ok := have[key]; ok && sz == size {
 			st.Skipped++
-			st.SkippedBytes += ch.Stored
-			continue
+			st.SkippedBytes += size
+			return
 		}
-		todo = append(todo, upload{idx: i, key: key, path: filepath.Join(chunkDir, name), size: ch.Stored})
-		total += ch.Stored
+		todo = append(todo, upload{idx: idx, key: key, path: filepath.Join(chunkDir, name), size: size})
+		total += size
+	}
+	if d := m.Dict; d != nil {
+		add(dictIndex, DictFileName(d), d.Size)
+	}
+	for i, ch := range m.Chunks {
+		if ch.Enc != snapshot.EncZero {
+			add(i, m.ChunkFileName(i), ch.Stored)
+		}
 	}
 	if ws := m.WorkingSet; ws != nil {
 		key := c.loc.Key(ws.Extent)
@@ -101,7 +108,7 @@ func Push(ctx context.Context, dir string, c *Client, o PushOptions) (*PushStats
 			st.Skipped++
 			st.SkippedBytes += ws.ExtentSize
 		} else {
-			todo = append(todo, upload{idx: -1, key: key, path: filepath.Join(dir, ws.Extent), size: ws.ExtentSize})
+			todo = append(todo, upload{idx: extentIndex, key: key, path: filepath.Join(dir, ws.Extent), size: ws.ExtentSize})
 			total += ws.ExtentSize
 		}
 	}
@@ -128,13 +135,11 @@ func Push(ctx context.Context, dir string, c *Client, o PushOptions) (*PushStats
 			defer wg.Done()
 			buf := make([]byte, m.ChunkSize)
 			for u := range work {
-				if u.idx >= 0 {
-					// Verified before it is shared: a bad local file must not become the
-					// bucket's copy of this hash.
-					if err := s.ReadChunk(ctx, u.idx, buf[:s.ChunkLen(u.idx)]); err != nil {
-						cancel(err)
-						return
-					}
+				// Verified before it is shared: a bad local file must not become the
+				// bucket's copy of this hash.
+				if err := verify(ctx, s, u.idx, u.path, buf); err != nil {
+					cancel(err)
+					return
 				}
 				if err := c.PutFile(ctx, u.key, u.path); err != nil {
 					cancel(err)
@@ -185,13 +190,32 @@ func (c *Client) Remove(ctx context.Context, key string) error {
 	})
 }
 
-// ChunkFileName is the name of a stored chunk's file (FORMAT.md "Chunk files"): its hash and
-// .zst or .raw.
-func ChunkFileName(c snapshot.ChunkEntry) string {
-	if c.Enc == snapshot.EncZstd {
-		return c.Hash + ".zst"
+// DictFileName is the name of a snapshot's zstd dictionary file (FORMAT.md "Dictionary").
+func DictFileName(d *snapshot.DictRef) string { return d.Hash + ".dict" }
+
+// Upload indexes that are not chunks.
+const (
+	extentIndex = -1 // the working-set extent: its frames are verified by every reader
+	dictIndex   = -2
+)
+
+// verify checks an upload's local file: a chunk by reading it whole (every frame's hash and
+// the chunk's), the dictionary by its hash.
+func verify(ctx context.Context, s *snapshot.Snapshot, idx int, path string, buf []byte) error {
+	switch idx {
+	case extentIndex:
+		return nil
+	case dictIndex:
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != s.Manifest().Dict.Hash {
+			return fmt.Errorf("remote: dictionary %s: %w: its hash does not match its name", path, snapshot.ErrCorrupt)
+		}
+		return nil
 	}
-	return c.Hash + ".raw"
+	return s.ReadChunk(ctx, idx, buf[:s.ChunkLen(idx)])
 }
 
 // localChunkDir is where a local snapshot's chunk files are: its shared store's, or its own.

@@ -23,7 +23,11 @@ import (
 
 // packed packs a sample image of size bytes (snapshot.SampleImage of seed: images of one seed
 // share their first chunks) with a working set of its first pages.
-func packed(t testing.TB, size int64, seed uint64) string {
+func packed(t testing.TB, size int64, seed uint64) string { return packedIn(t, size, seed, "") }
+
+// packedIn is packed into a shared chunk store, if store is set (snapshots of one store share
+// its dictionary, and so the files of the chunks they have in common).
+func packedIn(t testing.TB, size int64, seed uint64, store string) string {
 	t.Helper()
 	tmp := t.TempDir()
 	mem := filepath.Join(tmp, "mem")
@@ -36,7 +40,7 @@ func packed(t testing.TB, size int64, seed uint64) string {
 	}
 	f.Close()
 	dir := filepath.Join(tmp, "snap")
-	if _, err := snapshot.Pack(context.Background(), mem, dir, snapshot.PackOptions{}); err != nil {
+	if _, err := snapshot.Pack(context.Background(), mem, dir, snapshot.PackOptions{Store: store}); err != nil {
 		t.Fatal(err)
 	}
 	var pages []uint64
@@ -99,7 +103,8 @@ func TestParseURL(t *testing.T) {
 // chunks uploaded); every object in the bucket is the local file's bytes.
 func TestPush(t *testing.T) {
 	srv := s3test.Start(t)
-	dir := packed(t, 16<<20, 1)
+	store := t.TempDir()
+	dir := packedIn(t, 16<<20, 1, store)
 	c := newClient(t, srv, srv.Endpoint, "s3://snaps/tmpl/a")
 	var calls int
 	var last, total int64
@@ -109,24 +114,27 @@ func TestPush(t *testing.T) {
 	}
 	m, _ := snapshot.ReadManifest(dir)
 	stored := 0
+	if m.Dict != nil {
+		stored++
+	}
 	for _, ch := range m.Chunks {
 		if ch.Enc != snapshot.EncZero {
 			stored++
 		}
 	}
 	if !st.BucketCreated || st.Uploaded != stored+2 || st.Skipped != 0 || calls < 2 || last != total {
-		t.Fatalf("first push: %+v (progress %d calls, %d of %d); %d stored chunks", st, calls, last, total, stored)
+		t.Fatalf("first push: %+v (progress %d calls, %d of %d); %d chunk files", st, calls, last, total, stored)
 	}
 	// What is in the bucket is the snapshot's files.
 	objs, err := c.List(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, ch := range m.Chunks {
+	for i, ch := range m.Chunks {
 		if ch.Enc == snapshot.EncZero {
 			continue
 		}
-		key := ChunkKey(ChunkFileName(ch), ch.Stored)
+		key := ChunkKey(m.ChunkFileName(i), ch.Stored)
 		if objs[key] != ch.Stored {
 			t.Fatalf("%s: %d bytes in the bucket, want %d", key, objs[key], ch.Stored)
 		}
@@ -142,8 +150,9 @@ func TestPush(t *testing.T) {
 		t.Fatalf("second push: %+v, %v", st, err)
 	}
 
-	// A second snapshot whose first 16 MiB are the same image: only the rest is uploaded.
-	dir2 := packed(t, 24<<20, 1)
+	// A second snapshot of the store whose first 16 MiB are the same image: only the rest is
+	// uploaded.
+	dir2 := packedIn(t, 24<<20, 1, store)
 	c2 := newClient(t, srv, srv.Endpoint, "s3://snaps/tmpl/b")
 	st, err = Push(context.Background(), dir2, c2, PushOptions{})
 	if err != nil {
@@ -188,11 +197,11 @@ func TestFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 2 {
-		for _, ch := range m.Chunks {
+		for i, ch := range m.Chunks {
 			if ch.Enc == snapshot.EncZero {
 				continue
 			}
-			name := ChunkFileName(ch)
+			name := m.ChunkFileName(i)
 			file, err := f.Chunk(context.Background(), name, ch.Stored)
 			if err != nil {
 				t.Fatal(err)
@@ -415,5 +424,176 @@ func TestStall(t *testing.T) {
 	_, err = c2.GetBytes(ctx, "x/manifest.json")
 	if !errors.Is(err, snapshot.ErrTransient) || !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled: %v", err)
+	}
+}
+
+// pushed packs and pushes a snapshot, returning its directory and the server.
+func pushed(t *testing.T, size int64, seed uint64, url string) (*s3test.Server, string) {
+	t.Helper()
+	srv := s3test.Start(t)
+	dir := packed(t, size, seed)
+	if _, err := Push(context.Background(), dir, newClient(t, srv, srv.Endpoint, url), PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return srv, dir
+}
+
+// openRemote opens the snapshot at url through endpoint, with a cache in cacheDir.
+func openRemote(t *testing.T, srv *s3test.Server, endpoint, url, cacheDir string, limit int64) (*snapshot.Snapshot, *chunkcache.Cache, error) {
+	t.Helper()
+	cache, err := chunkcache.Open(cacheDir, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cache.Close() })
+	s, err := snapshot.OpenFiles(context.Background(), url, NewFiles(newClient(t, srv, endpoint, url), cache, nil), snapshot.Options{})
+	if err == nil {
+		t.Cleanup(func() { s.Close() })
+	}
+	return s, cache, err
+}
+
+func image(t *testing.T, s interface {
+	ReadAt([]byte, int64) (int, error)
+}, size int64) []byte {
+	t.Helper()
+	b := make([]byte, size)
+	if _, err := s.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// snapshot.OpenFiles over a bucket reads the image right, and its working set.
+func TestOpenFiles(t *testing.T) {
+	const size = 8 << 20
+	srv, dir := pushed(t, size, 5, "s3://snaps/o")
+	local, err := snapshot.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	s, _, err := openRemote(t, srv, srv.Endpoint, "s3://snaps/o", t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(image(t, s, size), image(t, local, size)) {
+		t.Fatal("the remote snapshot's image differs from the local one's")
+	}
+	var runs, lruns int
+	if err := s.ReadWorkingSet(context.Background(), func(snapshot.Run) error { runs++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	local.ReadWorkingSet(context.Background(), func(snapshot.Run) error { lruns++; return nil })
+	if runs == 0 || runs != lruns {
+		t.Fatalf("working set: %d runs remote, %d local", runs, lruns)
+	}
+}
+
+// A chunk object missing from the bucket: OpenFiles says which, before any read.
+func TestOpenFilesMissingChunk(t *testing.T) {
+	srv, dir := pushed(t, 4<<20, 6, "s3://snaps/m")
+	m, _ := snapshot.ReadManifest(dir)
+	key := ChunkKey(m.ChunkFileName(1), m.Chunks[1].Stored)
+	if err := newClient(t, srv, srv.Endpoint, "s3://snaps/m").Remove(context.Background(), key); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := openRemote(t, srv, srv.Endpoint, "s3://snaps/m", t.TempDir(), 1<<30)
+	if !errors.Is(err, snapshot.ErrMissing) || !strings.Contains(err.Error(), key) {
+		t.Fatalf("err %v, want ErrMissing naming %s", err, key)
+	}
+}
+
+// A corrupt object in the bucket: the read fails (corrupt, naming the chunk) after fetching it
+// once more, and never returns its bytes. A corrupt copy in the cache (a torn write the size
+// check cannot see) is dropped and fetched again: the read succeeds.
+func TestCorruptObjectAndCache(t *testing.T) {
+	const size = 4 << 20
+	srv, dir := pushed(t, size, 7, "s3://snaps/c")
+	m, _ := snapshot.ReadManifest(dir)
+	local, _ := snapshot.Open(dir)
+	defer local.Close()
+	want := image(t, local, size)
+
+	// The cache first: fill it, then flip a byte of chunk 0's cached file.
+	cacheDir := t.TempDir()
+	proxy := s3test.NewProxy(t, srv.Endpoint)
+	s, cache, err := openRemote(t, srv, proxy.URL, "s3://snaps/c", cacheDir, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(image(t, s, size), want) {
+		t.Fatal("wrong bytes")
+	}
+	s.Close()
+	cache.Close()
+	name0 := sizedName(m.ChunkFileName(0), m.Chunks[0].Stored)
+	flip(t, filepath.Join(cacheDir, name0))
+	key0 := ChunkKey(m.ChunkFileName(0), m.Chunks[0].Stored)
+	before := proxy.Count("GET", key0)
+	s, _, err = openRemote(t, srv, proxy.URL, "s3://snaps/c", cacheDir, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := image(t, s, size); !bytes.Equal(got, want) {
+		t.Fatal("wrong bytes after a corrupt cache file")
+	}
+	if n := proxy.Count("GET", key0) - before; n != 1 {
+		t.Fatalf("the corrupt cached chunk was fetched %d times, want 1", n)
+	}
+
+	// Now the object itself (versitygw's posix backend keeps it as a file).
+	key1 := ChunkKey(m.ChunkFileName(1), m.Chunks[1].Stored)
+	flip(t, filepath.Join(srv.Dir, "snaps", key1))
+	before = proxy.Count("GET", key1)
+	s, _, err = openRemote(t, srv, proxy.URL, "s3://snaps/c", t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, m.ChunkSize)
+	n, err := s.ReadAt(b, m.ChunkSize)
+	if !errors.Is(err, snapshot.ErrCorrupt) || !strings.Contains(err.Error(), "chunk 1") {
+		t.Fatalf("read of the corrupt chunk: %d bytes, %v", n, err)
+	}
+	if got := proxy.Count("GET", key1) - before; got != 2 {
+		t.Fatalf("corrupt object fetched %d times, want 2 (once more after it failed)", got)
+	}
+	// The other chunk still reads right.
+	if _, err := s.ReadAt(b, 0); err != nil || !bytes.Equal(b, want[:m.ChunkSize]) {
+		t.Fatalf("chunk 0 after chunk 1 failed: %v", err)
+	}
+}
+
+// flip changes a byte in the middle of the file at path.
+func flip(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0x40
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A cache smaller than the snapshot: it evicts, stays within its bound, and every byte is right.
+func TestSmallCache(t *testing.T) {
+	const size = 8 << 20
+	srv, dir := pushed(t, size, 8, "s3://snaps/s")
+	local, _ := snapshot.Open(dir)
+	defer local.Close()
+	m := local.Manifest()
+	limit := 2 * m.Chunks[0].Stored
+	s, cache, err := openRemote(t, srv, srv.Endpoint, "s3://snaps/s", t.TempDir(), limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(image(t, s, size), image(t, local, size)) {
+		t.Fatal("wrong bytes through a small cache")
+	}
+	st := cache.Stats()
+	if st.Evictions == 0 || st.Bytes > limit {
+		t.Fatalf("cache stats %+v, limit %d: want evictions and bytes within the limit", st, limit)
 	}
 }
