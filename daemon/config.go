@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/snapshot"
 )
 
 // Policy says what to do with a VM the daemon cannot serve.
@@ -24,6 +25,10 @@ type Config struct {
 	// directory (package snapshot) instead. Exactly one is set.
 	MemFile  string
 	Snapshot string
+	// Files, when set, is where the packed snapshot's files come from instead of the directory
+	// Snapshot (package remote: a bucket behind a disk cache); Snapshot then only names it, in
+	// logs and errors. Record needs a directory, so not Files.
+	Files snapshot.Files
 	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
 	// snapshot.DefaultCacheSize).
 	CacheSize int64

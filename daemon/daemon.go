@@ -76,14 +76,25 @@ func New(cfg Config) (*Daemon, error) {
 	var src source.Source
 	var snap *snapshot.Snapshot
 	var err error
-	if cfg.Snapshot != "" {
+	switch {
+	case cfg.Files != nil && cfg.Record:
+		return nil, errors.New("daemon: recording a working set needs a snapshot directory, not Files")
+	case cfg.Files != nil:
+		snap, err = snapshot.OpenFiles(context.Background(), cfg.Snapshot, cfg.Files, snapshot.Options{CacheSize: cfg.CacheSize})
+		if err != nil {
+			return nil, fmt.Errorf("daemon: %w", err)
+		}
+		src = snap
+	case cfg.Snapshot != "":
 		snap, err = snapshot.OpenWith(cfg.Snapshot, snapshot.Options{CacheSize: cfg.CacheSize})
 		if err != nil {
 			return nil, fmt.Errorf("daemon: snapshot: %w", err)
 		}
 		src = snap
-	} else if src, err = source.OpenFile(cfg.MemFile); err != nil {
-		return nil, fmt.Errorf("daemon: memory file: %w", err)
+	default:
+		if src, err = source.OpenFile(cfg.MemFile); err != nil {
+			return nil, fmt.Errorf("daemon: memory file: %w", err)
+		}
 	}
 	exits, err := newExitWatcher()
 	if err != nil {

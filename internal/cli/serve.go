@@ -5,6 +5,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/remote"
 )
 
 func init() {
@@ -44,8 +46,9 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
-	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
-	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G)")
+	snapDir := fs.String("snapshot", "", "packed snapshot: a directory from faultline pack, or s3://BUCKET/PREFIX from faultline push (this or --mem-file)")
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of a --snapshot directory kept in memory; for an s3:// one, of --cache-dir (default "+defaultDiskCache+") (K, M, G)")
+	rf := addRemoteFlags(fs)
 	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
 	recordWindow := fs.Duration("record-window", 0, "record only this long after each VM's handshake (0: until the VM ends)")
 	noPrefetch := fs.Bool("no-prefetch", false, "do not prefetch --snapshot's working set")
@@ -73,10 +76,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline serve: --record needs --snapshot (a packed snapshot to store the working set in)")
 		return 2
 	}
-	cache, err := parseSize(*cacheSize)
-	if err != nil || cache <= 0 {
-		fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
+	isRemote := remote.IsURL(*snapDir)
+	if *record && isRemote {
+		fmt.Fprintln(stderr, "faultline serve: --record needs a snapshot directory (record it locally, then push it)")
 		return 2
+	}
+	var cache int
+	var err error
+	if !isRemote {
+		if cache, err = parseSize(*cacheSize); err != nil || cache <= 0 {
+			fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
+			return 2
+		}
 	}
 	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, Snapshot: *snapDir, CacheSize: int64(cache),
 		Record: *record, RecordWindow: *recordWindow, NoPrefetch: *noPrefetch,
@@ -116,6 +127,21 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(h)
 	cfg.Logger = log
+	if isRemote {
+		disk := ""
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "cache-size" {
+				disk = f.Value.String()
+			}
+		})
+		r, err := openRemote(*snapDir, rf, disk, log)
+		if err != nil {
+			fmt.Fprintln(stderr, "faultline serve:", err)
+			return 1
+		}
+		defer r.close(log)
+		cfg.Files, cfg.CacheSize = r.files, r.memSize
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
