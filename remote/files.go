@@ -146,7 +146,6 @@ func (r *errReader) Read(p []byte) (int, error) {
 
 func (r *errReader) Close() error { return r.r.Close() }
 
-
 var (
 	_ snapshot.Files   = (*Files)(nil)
 	_ snapshot.Checker = (*Files)(nil)
