@@ -383,6 +383,13 @@ func (t *tee) Close() error {
 	return err
 }
 
+// Contains reports whether name is present or being fetched.
+func (c *Cache) Contains(name string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.m[name] != nil
+}
+
 // Forget deletes name's file, if present: a reader found it bad. A File open on it stays
 // readable; the next Open fetches it anew. Forgetting a name being fetched does nothing.
 func (c *Cache) Forget(name string) {

@@ -79,7 +79,9 @@ func (b *bucketSnapshot) files(t *testing.T, endpoint string, limit int64) (*rem
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	return remote.NewFiles(b.client(t, endpoint), cache, slog.New(slog.NewTextHandler(b.logs, nil))), cache
+	files := remote.NewFiles(b.client(t, endpoint), cache, remote.FilesOptions{Log: slog.New(slog.NewTextHandler(b.logs, nil))})
+	t.Cleanup(func() { files.Close() })
+	return files, cache
 }
 
 // chunkKey is chunk i's object key.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"github.com/faultline-go/faultline/chunkcache"
 	"github.com/faultline-go/faultline/snapshot"
@@ -20,6 +21,17 @@ type Files struct {
 	c     *Client
 	cache *chunkcache.Cache
 	log   *slog.Logger
+	o     FilesOptions
+
+	// Read-ahead: the chunks in image order (from the manifest), the fetches running in the
+	// background, and what ends them.
+	order  []chunkRef
+	index  map[string]int // cache name → position in order
+	bg     chan struct{}  // a slot per background fetch
+	bgCtx  context.Context
+	bgStop context.CancelFunc
+	bgWG   sync.WaitGroup
+	aheads atomic.Int64
 
 	mu    sync.Mutex
 	sized map[string][]string // a chunk's FORMAT.md name → the cache names asked for it
@@ -28,21 +40,78 @@ type Files struct {
 	listed map[string]int64 // the bucket's chunk objects, listed at the first Check
 }
 
-// NewFiles reads c's snapshot through cache (shared with the host's other snapshots). log, if
-// not nil, hears about objects that failed verification.
-func NewFiles(c *Client, cache *chunkcache.Cache, log *slog.Logger) *Files {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	return &Files{c: c, cache: cache, log: log, sized: map[string][]string{}}
+type chunkRef struct {
+	name, cname string
+	size        int64
 }
+
+// FilesOptions tune Files.
+type FilesOptions struct {
+	// Log, if set, hears about objects that failed verification.
+	Log *slog.Logger
+	// Readahead is how many chunks after one fetched for a read are fetched too, in the
+	// background (default 4; negative: none). Guest memory is read in runs, and a chunk's GET
+	// costs a round trip however long the network's: fetching the next ones while the VM is
+	// busy with this one keeps several in flight.
+	Readahead int
+	// Background bounds the read-ahead fetches in flight (default 16).
+	Background int
+}
+
+// NewFiles reads c's snapshot through cache (shared with the host's other snapshots).
+func NewFiles(c *Client, cache *chunkcache.Cache, o FilesOptions) *Files {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Readahead == 0 {
+		o.Readahead = 4
+	}
+	if o.Background <= 0 {
+		o.Background = 16
+	}
+	f := &Files{c: c, cache: cache, log: o.Log, o: o, sized: map[string][]string{}, bg: make(chan struct{}, o.Background)}
+	f.bgCtx, f.bgStop = context.WithCancel(context.Background())
+	return f
+}
+
+// Close stops the read-ahead fetches and waits for them.
+func (f *Files) Close() error {
+	f.bgStop()
+	f.bgWG.Wait()
+	return nil
+}
+
+// Readaheads is the number of chunks fetched ahead of a read.
+func (f *Files) Readaheads() int64 { return f.aheads.Load() }
 
 // Client is the client Files reads through.
 func (f *Files) Client() *Client { return f.c }
 
 // Manifest returns manifest.json's bytes.
 func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
-	return f.c.GetBytes(ctx, f.c.loc.Key(snapshot.ManifestName))
+	b, err := f.c.GetBytes(ctx, f.c.loc.Key(snapshot.ManifestName))
+	if err != nil {
+		return nil, err
+	}
+	// The chunks' order, for read-ahead (a manifest that does not decode is the reader's to
+	// report).
+	if m, err := snapshot.DecodeManifest(b); err == nil && f.o.Readahead > 0 {
+		f.mu.Lock()
+		f.order, f.index = nil, map[string]int{}
+		for i, c := range m.Chunks {
+			if c.Enc == snapshot.EncZero {
+				continue
+			}
+			name := m.ChunkFileName(i)
+			cname := sizedName(name, c.Stored)
+			if _, dup := f.index[cname]; !dup {
+				f.index[cname] = len(f.order)
+				f.order = append(f.order, chunkRef{name: name, cname: cname, size: c.Stored})
+			}
+		}
+		f.mu.Unlock()
+	}
+	return b, nil
 }
 
 // Chunk returns the chunk file called name (FORMAT.md), of size bytes, from the cache, fetched
@@ -50,14 +119,52 @@ func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
 func (f *Files) Chunk(ctx context.Context, name string, size int64) (snapshot.File, error) {
 	cname := sizedName(name, size)
 	f.note(name, cname)
+	if !f.cache.Contains(cname) {
+		f.readahead(cname)
+	}
 	key := ChunkKey(name, size)
-	file, err := f.cache.Open(ctx, cname, size, func(ctx context.Context, w io.Writer) error {
-		return f.c.Get(ctx, key, size, w)
-	})
+	file, err := f.cache.Open(ctx, cname, size, f.fetch(key, size))
 	if err != nil {
 		return nil, f.wrap(key, err)
 	}
 	return file, nil
+}
+
+func (f *Files) fetch(key string, size int64) chunkcache.Fetch {
+	return func(ctx context.Context, w io.Writer) error { return f.c.Get(ctx, key, size, w) }
+}
+
+// readahead starts background fetches of the chunks after cname that the cache lacks, as
+// many as there are free slots.
+func (f *Files) readahead(cname string) {
+	f.mu.Lock()
+	i, ok := f.index[cname]
+	var next []chunkRef
+	if ok {
+		next = f.order[i+1 : min(len(f.order), i+1+f.o.Readahead)]
+	}
+	f.mu.Unlock()
+	for _, r := range next {
+		if f.cache.Contains(r.cname) {
+			continue
+		}
+		select {
+		case f.bg <- struct{}{}:
+		default:
+			return // enough in flight
+		}
+		f.note(r.name, r.cname)
+		f.aheads.Add(1)
+		f.bgWG.Add(1)
+		go func() {
+			defer f.bgWG.Done()
+			defer func() { <-f.bg }()
+			// Errors are left to the read that needs the chunk, which fetches it again.
+			if file, err := f.cache.Open(f.bgCtx, r.cname, r.size, f.fetch(ChunkKey(r.name, r.size), r.size)); err == nil {
+				file.Close()
+			}
+		}()
+	}
 }
 
 // Extent returns the working-set extent called name, of size bytes, read from its first byte:

@@ -187,7 +187,7 @@ func TestFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cache.Close()
-	f := NewFiles(rc, cache, nil)
+	f := NewFiles(rc, cache, FilesOptions{Readahead: -1})
 	mb, err := f.Manifest(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -248,7 +248,7 @@ func TestMissingObject(t *testing.T) {
 	}
 	cache, _ := chunkcache.Open(t.TempDir(), 1<<20)
 	defer cache.Close()
-	f := NewFiles(c, cache, nil)
+	f := NewFiles(c, cache, FilesOptions{})
 	_, err := f.Chunk(context.Background(), strings.Repeat("ab", 32)+".zst", 1000)
 	if !errors.Is(err, snapshot.ErrMissing) || !strings.Contains(err.Error(), "chunks/abab") {
 		t.Fatalf("err %v, want ErrMissing naming the object", err)
@@ -446,7 +446,9 @@ func openRemote(t *testing.T, srv *s3test.Server, endpoint, url, cacheDir string
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	s, err := snapshot.OpenFiles(context.Background(), url, NewFiles(newClient(t, srv, endpoint, url), cache, nil), snapshot.Options{})
+	files := NewFiles(newClient(t, srv, endpoint, url), cache, FilesOptions{})
+	t.Cleanup(func() { files.Close() })
+	s, err := snapshot.OpenFiles(context.Background(), url, files, snapshot.Options{})
 	if err == nil {
 		t.Cleanup(func() { s.Close() })
 	}

@@ -84,7 +84,7 @@ func openRemote(url string, rf remoteFlags, diskSize string, log *slog.Logger) (
 		r.close(log)
 		return nil, err
 	}
-	r.files = remote.NewFiles(c, r.cache, log)
+	r.files = remote.NewFiles(c, r.cache, remote.FilesOptions{Log: log})
 	st := r.cache.Stats()
 	log.Info("chunk cache", "dir", dir, "limit", snapshot.FormatBytes(int64(disk)), "files", st.Files, "bytes", snapshot.FormatBytes(st.Bytes))
 	return r, nil
@@ -96,6 +96,9 @@ func (r *remoteServe) close(log *slog.Logger) {
 		cs, rs := r.cache.Stats(), r.files.Client().Stats()
 		log.Info("bucket and chunk cache", "gets", rs.Gets, "bytes_fetched", rs.GetBytes, "retries", rs.Retries,
 			"cache_hits", cs.Hits, "cache_fetches", cs.Fetches, "evictions", cs.Evictions, "cached_bytes", cs.Bytes)
+	}
+	if r.files != nil {
+		r.files.Close()
 	}
 	if r.cache != nil {
 		r.cache.Close()
