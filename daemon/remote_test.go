@@ -209,7 +209,9 @@ func TestRemoteServerRestart(t *testing.T) {
 		done <- err
 	}()
 	waitUntil(t, "fetches failing and retried", func() bool { return files.Client().Stats().Retries >= 3 })
-	b.srv.Restart()
+	if err := b.srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}

@@ -25,13 +25,14 @@ type Files struct {
 
 	// Read-ahead: the chunks in image order (from the manifest), the fetches running in the
 	// background, and what ends them.
-	order  []chunkRef
-	index  map[string]int // cache name → position in order
-	bg     chan struct{}  // a slot per background fetch
-	bgCtx  context.Context
-	bgStop context.CancelFunc
-	bgWG   sync.WaitGroup
-	aheads atomic.Int64
+	order                                                 []chunkRef
+	index                                                 map[string]int // cache name → position in order
+	bg                                                    chan struct{}  // a slot per background fetch
+	bgCtx                                                 context.Context
+	bgStop                                                context.CancelFunc
+	bgWG                                                  sync.WaitGroup
+	aheads, warmed, chunkBytes, extentBytes, chunkFetches atomic.Int64
+	warmOnce                                              sync.Once
 
 	mu    sync.Mutex
 	sized map[string][]string // a chunk's FORMAT.md name → the cache names asked for it
@@ -54,8 +55,30 @@ type FilesOptions struct {
 	// costs a round trip however long the network's: fetching the next ones while the VM is
 	// busy with this one keeps several in flight.
 	Readahead int
-	// Background bounds the read-ahead fetches in flight (default 16).
+	// Background bounds the read-ahead and warming fetches in flight (default 16).
 	Background int
+	// Warm fetches every chunk the cache lacks into it, in image order, in the background
+	// from the first read of the manifest on, when the snapshot's chunk files fit in half the
+	// cache: a VM then finds the chunks outside its working set on the host (a guest's touches
+	// are scattered over most of its chunks), and fetches for faults, which do not wait for a
+	// background slot, go first.
+	Warm bool
+}
+
+// FilesStats counts what Files fetched from the bucket for reads (the manifest is not
+// counted).
+type FilesStats struct {
+	ChunkFetches int64 // chunk files fetched (for a read, ahead of one, or warming)
+	ChunkBytes   int64
+	ExtentBytes  int64 // working-set extent bytes streamed from the bucket
+	Readaheads   int64 // chunks fetched ahead of a read
+	Warmed       int64 // chunks fetched by warming
+}
+
+// Stats returns the counters.
+func (f *Files) Stats() FilesStats {
+	return FilesStats{ChunkFetches: f.chunkFetches.Load(), ChunkBytes: f.chunkBytes.Load(), ExtentBytes: f.extentBytes.Load(),
+		Readaheads: f.aheads.Load(), Warmed: f.warmed.Load()}
 }
 
 // NewFiles reads c's snapshot through cache (shared with the host's other snapshots).
@@ -81,9 +104,6 @@ func (f *Files) Close() error {
 	return nil
 }
 
-// Readaheads is the number of chunks fetched ahead of a read.
-func (f *Files) Readaheads() int64 { return f.aheads.Load() }
-
 // Client is the client Files reads through.
 func (f *Files) Client() *Client { return f.c }
 
@@ -95,7 +115,7 @@ func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
 	}
 	// The chunks' order, for read-ahead (a manifest that does not decode is the reader's to
 	// report).
-	if m, err := snapshot.DecodeManifest(b); err == nil && f.o.Readahead > 0 {
+	if m, err := snapshot.DecodeManifest(b); err == nil {
 		f.mu.Lock()
 		f.order, f.index = nil, map[string]int{}
 		for i, c := range m.Chunks {
@@ -109,9 +129,56 @@ func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
 				f.order = append(f.order, chunkRef{name: name, cname: cname, size: c.Stored})
 			}
 		}
+		order := f.order
 		f.mu.Unlock()
+		if f.o.Warm {
+			f.warmOnce.Do(func() { f.warm(order) })
+		}
 	}
 	return b, nil
+}
+
+// warm starts the background fetch of every chunk of order that the cache lacks.
+func (f *Files) warm(order []chunkRef) {
+	var total int64
+	for _, r := range order {
+		total += r.size
+	}
+	if total > f.cache.Limit()/2 {
+		f.log.Info("chunk cache not warmed: the snapshot's chunks do not fit in half of it",
+			"snapshot", f.c.loc.String(), "chunks", total, "cache_limit", f.cache.Limit())
+		return
+	}
+	f.bgWG.Add(1)
+	go func() {
+		defer f.bgWG.Done()
+		for _, r := range order {
+			if f.cache.Contains(r.cname) {
+				continue
+			}
+			select {
+			case f.bg <- struct{}{}:
+			case <-f.bgCtx.Done():
+				return
+			}
+			f.warmed.Add(1)
+			f.background(r)
+		}
+	}()
+}
+
+// background fetches r into the cache in a goroutine that holds a slot of f.bg.
+func (f *Files) background(r chunkRef) {
+	f.note(r.name, r.cname)
+	f.bgWG.Add(1)
+	go func() {
+		defer f.bgWG.Done()
+		defer func() { <-f.bg }()
+		// Errors are left to the read that needs the chunk, which fetches it again.
+		if file, err := f.cache.Open(f.bgCtx, r.cname, r.size, f.fetch(ChunkKey(r.name, r.size), r.size)); err == nil {
+			file.Close()
+		}
+	}()
 }
 
 // Chunk returns the chunk file called name (FORMAT.md), of size bytes, from the cache, fetched
@@ -119,7 +186,7 @@ func (f *Files) Manifest(ctx context.Context) ([]byte, error) {
 func (f *Files) Chunk(ctx context.Context, name string, size int64) (snapshot.File, error) {
 	cname := sizedName(name, size)
 	f.note(name, cname)
-	if !f.cache.Contains(cname) {
+	if f.o.Readahead > 0 && !f.cache.Contains(cname) {
 		f.readahead(cname)
 	}
 	key := ChunkKey(name, size)
@@ -131,7 +198,14 @@ func (f *Files) Chunk(ctx context.Context, name string, size int64) (snapshot.Fi
 }
 
 func (f *Files) fetch(key string, size int64) chunkcache.Fetch {
-	return func(ctx context.Context, w io.Writer) error { return f.c.Get(ctx, key, size, w) }
+	return func(ctx context.Context, w io.Writer) error {
+		f.chunkFetches.Add(1)
+		err := f.c.Get(ctx, key, size, w)
+		if err == nil {
+			f.chunkBytes.Add(size)
+		}
+		return err
+	}
 }
 
 // readahead starts background fetches of the chunks after cname that the cache lacks, as
@@ -153,17 +227,8 @@ func (f *Files) readahead(cname string) {
 		default:
 			return // enough in flight
 		}
-		f.note(r.name, r.cname)
 		f.aheads.Add(1)
-		f.bgWG.Add(1)
-		go func() {
-			defer f.bgWG.Done()
-			defer func() { <-f.bg }()
-			// Errors are left to the read that needs the chunk, which fetches it again.
-			if file, err := f.cache.Open(f.bgCtx, r.cname, r.size, f.fetch(ChunkKey(r.name, r.size), r.size)); err == nil {
-				file.Close()
-			}
-		}()
+		f.background(r)
 	}
 }
 
@@ -172,7 +237,7 @@ func (f *Files) readahead(cname string) {
 func (f *Files) Extent(ctx context.Context, name string, size int64) (io.ReadCloser, error) {
 	key := f.c.loc.Key(name)
 	r, err := f.cache.Stream(ctx, sizedName(name, size), size, func(ctx context.Context) (io.ReadCloser, error) {
-		return f.c.Open(ctx, key, size), nil
+		return &countReader{r: f.c.Open(ctx, key, size), n: &f.extentBytes}, nil
 	})
 	if err != nil {
 		return nil, f.wrap(key, err)
@@ -257,3 +322,17 @@ var (
 	_ snapshot.Files   = (*Files)(nil)
 	_ snapshot.Checker = (*Files)(nil)
 )
+
+// countReader counts the bytes read through it.
+type countReader struct {
+	r io.ReadCloser
+	n *atomic.Int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func (c *countReader) Close() error { return c.r.Close() }

@@ -368,7 +368,9 @@ func TestServerRestart(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	srv.Restart()
+	if err := srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}

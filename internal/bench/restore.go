@@ -49,7 +49,9 @@ type RestoreOptions struct {
 	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve);
 	// ChunkSize is the packed snapshot's (0: snapshot.DefaultChunkSize, as pack).
 	CacheSize, ChunkSize int64
-	Progress             func(format string, args ...any)
+	// Remote adds the cases of a snapshot in a bucket behind an added RTT (restore_remote.go).
+	Remote   RemoteOptions
+	Progress func(format string, args ...any)
 }
 
 // RestoreResult is one restore measured.
@@ -98,6 +100,7 @@ type RestoreReport struct {
 	Packed      int64           `json:"packed_bytes"`
 	Results     []RestoreResult `json:"results"` // every rep
 	Medians     []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
+	Remote      []RemoteResult  `json:"remote,omitempty"`
 }
 
 // Restore cases, in the order they run within a rep.
@@ -283,6 +286,9 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 		slices.SortFunc(rs, func(a, b RestoreResult) int { return int(a.Restore - b.Restore) })
 		rep.Medians = append(rep.Medians, rs[(len(rs)-1)/2]) // the lower median of an even count
 	}
+	if err := rb.runRemote(rep, traceB); err != nil {
+		return nil, fmt.Errorf("remote: %w", err)
+	}
 	return rep, nil
 }
 
@@ -325,6 +331,11 @@ func waitWorkingSet(dir string) (*snapshot.Info, error) {
 
 // run restores one VM for case c touching trace t, and checks every page it touched.
 func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error) {
+	return rb.runWith(c, t, nil)
+}
+
+// runWith is run with the daemon's configuration changed by mod, if set.
+func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.Config)) (RestoreResult, error) {
 	res := RestoreResult{Case: c}
 	switch {
 	case c == CaseFileWarm:
@@ -365,6 +376,9 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 			cfg.Snapshot = rb.snap
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true
+		}
+		if mod != nil {
+			mod(&cfg)
 		}
 		reports = make(chan daemon.Report, 1)
 		cfg.OnVMEnd = func(r daemon.Report) { reports <- r }

@@ -25,6 +25,7 @@ const (
 // remoteFlags are serve's flags for a snapshot in a bucket.
 type remoteFlags struct {
 	endpoint, cacheDir, memCache *string
+	warm                         *bool
 }
 
 func addRemoteFlags(fs *flag.FlagSet) remoteFlags {
@@ -33,6 +34,8 @@ func addRemoteFlags(fs *flag.FlagSet) remoteFlags {
 		cacheDir: fs.String("cache-dir", "", "disk cache of the chunks of an s3:// --snapshot, bounded by --cache-size (default "+defaultDiskCache+
 			" for it); one daemon owns it, all its VMs and snapshots share it (default: a temporary directory, removed at exit)"),
 		memCache: fs.String("mem-cache-size", defaultMemCache, "bound of the decompressed frames of an s3:// --snapshot kept in memory"),
+		warm: fs.Bool("warm-cache", true, "fetch an s3:// --snapshot's chunks into --cache-dir in the background from the start, "+
+			"when they fit in half of it (faults' fetches go first)"),
 	}
 }
 
@@ -84,7 +87,7 @@ func openRemote(url string, rf remoteFlags, diskSize string, log *slog.Logger) (
 		r.close(log)
 		return nil, err
 	}
-	r.files = remote.NewFiles(c, r.cache, remote.FilesOptions{Log: log})
+	r.files = remote.NewFiles(c, r.cache, remote.FilesOptions{Log: log, Warm: *rf.warm})
 	st := r.cache.Stats()
 	log.Info("chunk cache", "dir", dir, "limit", snapshot.FormatBytes(int64(disk)), "files", st.Files, "bytes", snapshot.FormatBytes(st.Bytes))
 	return r, nil

@@ -1,6 +1,6 @@
-// Package s3test runs a real S3-compatible server for tests: versitygw (Apache-2.0), started as
-// its own process on a free 127.0.0.1 port over a temporary directory, with generated
-// credentials, and stopped with the test. It also has a small HTTP proxy to put in front of it
+// Package s3test runs a real S3-compatible server for tests and benchmarks: versitygw
+// (Apache-2.0), started as its own process on a free 127.0.0.1 port over a temporary directory,
+// with generated credentials, and stopped with the test. It also has a small HTTP proxy to put in front of it
 // that counts requests and answers some with 503 SlowDown, for the tests of retries.
 //
 // The binary is found as $FAULTLINE_VERSITYGW, on PATH, or in $GOPATH/bin (where `go install
@@ -71,7 +71,6 @@ type Server struct {
 	Secret   string
 	Dir      string // the directory it serves (a bucket is a directory in it)
 
-	t    testing.TB
 	bin  string
 	addr string
 	mu   sync.Mutex
@@ -81,24 +80,36 @@ type Server struct {
 	exited chan error
 }
 
-// Start starts a server for the test, stopped at its end.
+// Start starts a server for the test over a temporary directory, stopped at its end.
 func Start(t testing.TB) *Server {
 	t.Helper()
 	bin, err := Binary()
 	if err != nil {
 		Require(t, err.Error())
 	}
-	s := &Server{t: t, bin: bin, Dir: t.TempDir(), Access: "AK" + randHex(8), Secret: randHex(20)}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	s, err := Launch(bin, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Launch starts the versitygw binary bin over dir on a free 127.0.0.1 port with generated
+// credentials, and waits until it answers. The caller stops it.
+func Launch(bin, dir string) (*Server, error) {
+	s := &Server{bin: bin, Dir: dir, Access: "AK" + randHex(8), Secret: randHex(20)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
 	}
 	s.addr = ln.Addr().String()
 	ln.Close()
 	s.Endpoint = "http://" + s.addr
-	s.start()
-	t.Cleanup(s.Stop)
-	return s
+	if err := s.start(); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func randHex(n int) string {
@@ -107,18 +118,17 @@ func randHex(n int) string {
 	return strings.ToUpper(hex.EncodeToString(b))[:2*n]
 }
 
-func (s *Server) start() {
-	s.t.Helper()
+func (s *Server) start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cmd != nil {
-		return
+		return nil
 	}
 	log := &syncBuffer{}
 	cmd := exec.Command(s.bin, "--port", s.addr, "--access", s.Access, "--secret", s.Secret, "posix", s.Dir)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
-		s.t.Fatalf("start versitygw: %v", err)
+		return fmt.Errorf("start versitygw: %w", err)
 	}
 	s.cmd, s.log = cmd, log
 	exited := make(chan error, 1)
@@ -128,7 +138,7 @@ func (s *Server) start() {
 		select {
 		case err := <-exited:
 			s.cmd = nil
-			s.t.Fatalf("versitygw exited at start: %v\n%s", err, log.String())
+			return fmt.Errorf("versitygw exited at start: %v\n%s", err, log.String())
 		default:
 		}
 		// Any HTTP answer (an S3 error for an anonymous request) means it serves.
@@ -137,11 +147,15 @@ func (s *Server) start() {
 			break
 		}
 		if time.Now().After(deadline) {
-			s.t.Fatalf("versitygw did not answer on %s within 30 s\n%s", s.addr, log.String())
+			cmd.Process.Kill()
+			<-exited
+			s.cmd = nil
+			return fmt.Errorf("versitygw did not answer on %s within 30 s\n%s", s.addr, log.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	s.exited = exited
+	return nil
 }
 
 // Stop kills the server (SIGKILL: as a crash, nothing flushed) and waits for it. Restart
@@ -158,7 +172,7 @@ func (s *Server) Stop() {
 }
 
 // Restart starts a stopped server again.
-func (s *Server) Restart() { s.start() }
+func (s *Server) Restart() error { return s.start() }
 
 // Log is what the server printed.
 func (s *Server) Log() string {
