@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -290,9 +291,18 @@ func (c *Client) GetBytes(ctx context.Context, key string) ([]byte, error) {
 func (c *Client) Get(ctx context.Context, key string, size int64, w io.Writer) error {
 	r := c.Open(ctx, key, size)
 	defer r.Close()
-	_, err := io.Copy(w, r)
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	_, err := io.CopyBuffer(w, onlyReader{r}, *bp)
 	return err
 }
+
+// copyBufs are Get's copy buffers: large, so that a chunk takes few read and write calls.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
+// onlyReader hides anything but Read (io.CopyBuffer would use a WriterTo or ReaderFrom instead
+// of the buffer).
+type onlyReader struct{ io.Reader }
 
 // Open returns a stream of the object key from its first byte; the GET is sent at the first
 // Read. A failed request, or a body cut short, is retried (from where it broke) as Get says;

@@ -23,16 +23,22 @@ type Files struct {
 	log   *slog.Logger
 	o     FilesOptions
 
-	// Read-ahead: the chunks in image order (from the manifest), the fetches running in the
-	// background, and what ends them.
-	order                                                 []chunkRef
-	index                                                 map[string]int // cache name → position in order
-	bg                                                    chan struct{}  // a slot per background fetch
-	bgCtx                                                 context.Context
-	bgStop                                                context.CancelFunc
-	bgWG                                                  sync.WaitGroup
+	// Read-ahead and warming: the chunks in image order (from the manifest), the fetches
+	// running in the background, and what ends them.
+	order    []chunkRef
+	index    map[string]int // cache name → position in order
+	bg       chan struct{}  // a slot per background fetch
+	bgCtx    context.Context
+	bgStop   context.CancelFunc
+	bgWG     sync.WaitGroup
+	warmOnce sync.Once
+
 	aheads, warmed, chunkBytes, extentBytes, chunkFetches atomic.Int64
-	warmOnce                                              sync.Once
+
+	// streams counts the working-set extents streaming from the bucket; warming waits while
+	// there are any (streamCond, on mu).
+	streams    int
+	streamCond *sync.Cond
 
 	mu    sync.Mutex
 	sized map[string][]string // a chunk's FORMAT.md name → the cache names asked for it
@@ -94,14 +100,41 @@ func NewFiles(c *Client, cache *chunkcache.Cache, o FilesOptions) *Files {
 	}
 	f := &Files{c: c, cache: cache, log: o.Log, o: o, sized: map[string][]string{}, bg: make(chan struct{}, o.Background)}
 	f.bgCtx, f.bgStop = context.WithCancel(context.Background())
+	f.streamCond = sync.NewCond(&f.mu)
 	return f
 }
 
 // Close stops the read-ahead fetches and waits for them.
 func (f *Files) Close() error {
 	f.bgStop()
+	f.mu.Lock()
+	f.streamCond.Broadcast() // a warming waiting for a stream sees bgCtx done
+	f.mu.Unlock()
 	f.bgWG.Wait()
 	return nil
+}
+
+func (f *Files) streamStart() {
+	f.mu.Lock()
+	f.streams++
+	f.mu.Unlock()
+}
+
+func (f *Files) streamEnd() {
+	f.mu.Lock()
+	f.streams--
+	f.streamCond.Broadcast()
+	f.mu.Unlock()
+}
+
+// waitStreams waits until no extent streams from the bucket; false if Files is closing.
+func (f *Files) waitStreams() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for f.streams > 0 && f.bgCtx.Err() == nil {
+		f.streamCond.Wait()
+	}
+	return f.bgCtx.Err() == nil
 }
 
 // Client is the client Files reads through.
@@ -155,6 +188,10 @@ func (f *Files) warm(order []chunkRef) {
 		for _, r := range order {
 			if f.cache.Contains(r.cname) {
 				continue
+			}
+			// The working set goes first: no new warming fetch while it streams.
+			if !f.waitStreams() {
+				return
 			}
 			select {
 			case f.bg <- struct{}{}:
@@ -237,7 +274,8 @@ func (f *Files) readahead(cname string) {
 func (f *Files) Extent(ctx context.Context, name string, size int64) (io.ReadCloser, error) {
 	key := f.c.loc.Key(name)
 	r, err := f.cache.Stream(ctx, sizedName(name, size), size, func(ctx context.Context) (io.ReadCloser, error) {
-		return &countReader{r: f.c.Open(ctx, key, size), n: &f.extentBytes}, nil
+		f.streamStart()
+		return &streamReader{countReader: countReader{r: f.c.Open(ctx, key, size), n: &f.extentBytes}, f: f}, nil
 	})
 	if err != nil {
 		return nil, f.wrap(key, err)
@@ -336,3 +374,23 @@ func (c *countReader) Read(p []byte) (int, error) {
 }
 
 func (c *countReader) Close() error { return c.r.Close() }
+
+// streamReader is an extent streaming from the bucket: counted, and its end lets warming go on.
+type streamReader struct {
+	countReader
+	f    *Files
+	once sync.Once
+}
+
+func (r *streamReader) Read(p []byte) (int, error) {
+	n, err := r.countReader.Read(p)
+	if err != nil {
+		r.once.Do(r.f.streamEnd)
+	}
+	return n, err
+}
+
+func (r *streamReader) Close() error {
+	r.once.Do(r.f.streamEnd)
+	return r.countReader.Close()
+}

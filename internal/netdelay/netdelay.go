@@ -40,7 +40,7 @@ type Proxy struct {
 }
 
 // segBytes is the most one read forwards as one segment.
-const segBytes = 64 << 10
+const segBytes = 256 << 10
 
 var segPool = sync.Pool{New: func() any { b := make([]byte, segBytes); return &b }}
 
