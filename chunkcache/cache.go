@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -77,9 +76,9 @@ func Open(dir string, limit int64) (*Cache, error) {
 	if err != nil {
 		return nil, fmt.Errorf("chunkcache: %w", err)
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := lockFile(lock); err != nil {
 		lock.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
+		if errors.Is(err, errLocked) {
 			return nil, fmt.Errorf("chunkcache: %s is in use by another process (one daemon owns a cache directory)", dir)
 		}
 		return nil, fmt.Errorf("chunkcache: lock %s: %w", dir, err)

@@ -443,18 +443,24 @@ func pushed(t *testing.T, size int64, seed uint64, url string) (*s3test.Server, 
 // openRemote opens the snapshot at url through endpoint, with a cache in cacheDir.
 func openRemote(t *testing.T, srv *s3test.Server, endpoint, url, cacheDir string, limit int64) (*snapshot.Snapshot, *chunkcache.Cache, error) {
 	t.Helper()
+	s, cache, _, err := openRemoteWith(t, srv, endpoint, url, cacheDir, limit, FilesOptions{})
+	return s, cache, err
+}
+
+func openRemoteWith(t *testing.T, srv *s3test.Server, endpoint, url, cacheDir string, limit int64, o FilesOptions) (*snapshot.Snapshot, *chunkcache.Cache, *Files, error) {
+	t.Helper()
 	cache, err := chunkcache.Open(cacheDir, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	files := NewFiles(newClient(t, srv, endpoint, url), cache, FilesOptions{})
+	files := NewFiles(newClient(t, srv, endpoint, url), cache, o)
 	t.Cleanup(func() { files.Close() })
 	s, err := snapshot.OpenFiles(context.Background(), url, files, snapshot.Options{})
 	if err == nil {
 		t.Cleanup(func() { s.Close() })
 	}
-	return s, cache, err
+	return s, cache, files, err
 }
 
 func image(t *testing.T, s interface {
@@ -477,12 +483,22 @@ func TestOpenFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer local.Close()
-	s, _, err := openRemote(t, srv, srv.Endpoint, "s3://snaps/o", t.TempDir(), 1<<30)
+	proxy := s3test.NewProxy(t, srv.Endpoint)
+	s, _, files, err := openRemoteWith(t, srv, proxy.URL, "s3://snaps/o", t.TempDir(), 1<<30, FilesOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(image(t, s, size), image(t, local, size)) {
 		t.Fatal("the remote snapshot's image differs from the local one's")
+	}
+	// Read in order: the chunks after the first were read ahead, and none fetched twice.
+	if st := files.Stats(); st.Readaheads == 0 {
+		t.Errorf("no chunk read ahead: %+v", st)
+	}
+	for path, n := range proxy.PerPath("GET", "/chunks/") {
+		if n != 1 {
+			t.Errorf("%s: %d GETs", path, n)
+		}
 	}
 	var runs, lruns int
 	if err := s.ReadWorkingSet(context.Background(), func(snapshot.Run) error { runs++; return nil }); err != nil {
@@ -599,5 +615,43 @@ func TestSmallCache(t *testing.T) {
 	st := cache.Stats()
 	if st.Evictions == 0 || st.Bytes > limit {
 		t.Fatalf("cache stats %+v, limit %d: want evictions and bytes within the limit", st, limit)
+	}
+}
+
+// Warming fetches every chunk into the cache in the background from the open; the image is
+// then read without another GET.
+func TestWarm(t *testing.T) {
+	const size = 8 << 20
+	srv, dir := pushed(t, size, 9, "s3://snaps/w")
+	m, _ := snapshot.ReadManifest(dir)
+	files := 0
+	for _, c := range m.Chunks {
+		if c.Enc != snapshot.EncZero {
+			files++
+		}
+	}
+	proxy := s3test.NewProxy(t, srv.Endpoint)
+	s, cache, f, err := openRemoteWith(t, srv, proxy.URL, "s3://snaps/w", t.TempDir(), 1<<30, FilesOptions{Warm: true, Readahead: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The dictionary (read at open) and every chunk.
+	for deadline := time.Now().Add(20 * time.Second); cache.Stats().Files < files+1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("not warmed: %+v", cache.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := proxy.Count("GET", "/chunks/")
+	local, _ := snapshot.Open(dir)
+	defer local.Close()
+	if !bytes.Equal(image(t, s, size), image(t, local, size)) {
+		t.Fatal("wrong bytes")
+	}
+	if n := proxy.Count("GET", "/chunks/") - before; n != 0 {
+		t.Fatalf("%d chunk GETs after warming", n)
+	}
+	if st := f.Stats(); st.Warmed != int64(files) {
+		t.Fatalf("warmed %d chunks of %d", st.Warmed, files)
 	}
 }

@@ -34,6 +34,8 @@ import (
 //     disk cache: it reads nothing from the bucket;
 //   - remote-on-demand: every page of memory touched in order, no prefetch and no warming, the
 //     disk cache empty: chunks are fetched for faults and read ahead of them;
+//   - local-on-demand (once, before the RTTs): remote-on-demand's touches from the local packed
+//     snapshot, for reference;
 //   - remote-fetch: no VM: every chunk read through the daemon's read path (remote.Files and
 //     the disk cache) by as many goroutines as the engine has fetchers, the disk cache empty:
 //     the read throughput from the bucket, without the decompression and installs a VM's
@@ -48,6 +50,9 @@ const (
 	CaseRemoteSecond   = "remote-second-vm"
 	CaseRemoteOnDemand = "remote-on-demand"
 	CaseRemoteFetch    = "remote-fetch"
+	// CaseLocalOnDemand is remote-on-demand's touches served from the local packed snapshot:
+	// its reference (RTT 0 in the results).
+	CaseLocalOnDemand = "local-on-demand"
 )
 
 // remoteFetchers is how many goroutines read chunks in the remote-fetch case: the engine's
@@ -121,6 +126,12 @@ func (rb *restoreBench) runRemote(rep *RestoreReport, traceB []puppet.TraceRun) 
 		return err
 	}
 	all := sequentialTrace(rb.o.Size / 4096)
+	local, err := rb.runWith(CaseLocalOnDemand, all, func(cfg *daemon.Config) { cfg.Record, cfg.NoPrefetch = false, true })
+	if err != nil {
+		return fmt.Errorf("%s: %w", CaseLocalOnDemand, err)
+	}
+	rb.o.Progress("%-24s restore %8.1f ms  faults %6d", CaseLocalOnDemand, float64(local.Restore)/1e6, local.Faults)
+	rep.Remote = append(rep.Remote, RemoteResult{RestoreResult: local})
 	for _, rtt := range ro.RTTs {
 		proxy, err := netdelay.Start("127.0.0.1:0", srv.Endpoint[len("http://"):], netdelay.Options{RTT: rtt, Bandwidth: ro.Bandwidth})
 		if err != nil {

@@ -79,7 +79,11 @@ func printRestoreRemote(w io.Writer, rep *bench.RestoreReport) {
 		if r.Prefetched > 0 {
 			pret = fmt.Sprintf("%.1f", float64(r.PrefetchTime)/1e6)
 		}
-		fmt.Fprintf(w, row, r.RTT, r.Case, fmt.Sprintf("%.1f", float64(r.Restore)/1e6), fmt.Sprint(r.Faults), fmt.Sprint(r.Prefetched), pret,
+		rtt := r.RTT.String()
+		if r.Case == bench.CaseLocalOnDemand {
+			rtt = "local"
+		}
+		fmt.Fprintf(w, row, rtt, r.Case, fmt.Sprintf("%.1f", float64(r.Restore)/1e6), fmt.Sprint(r.Faults), fmt.Sprint(r.Prefetched), pret,
 			fmt.Sprintf("%.1f", float64(r.BucketBytes)/(1<<20)), fmt.Sprint(r.Gets), fmt.Sprint(r.Readaheads), fmt.Sprint(r.Warmed), fmt.Sprintf("%.0f", r.MBps), verified)
 	}
 	fmt.Fprintln(w)
