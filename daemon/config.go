@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
-	"github.com/faultline-go/faultline/snapshot"
+	"github.com/faultline-go/faultline/source"
 )
 
 // Policy says what to do with a VM the daemon cannot serve.
@@ -25,10 +25,10 @@ type Config struct {
 	// directory (package snapshot) instead. Exactly one is set.
 	MemFile  string
 	Snapshot string
-	// Files, when set, is where the packed snapshot's files come from instead of the directory
-	// Snapshot (package remote: a bucket behind a disk cache); Snapshot then only names it, in
-	// logs and errors. Record needs a directory, so not Files.
-	Files snapshot.Files
+	// Source, instead of MemFile or Snapshot, is a source opened by the caller (package fleet
+	// shares one among the daemons of its VMs). The daemon does not close it: its owner does,
+	// after Serve returned. A *snapshot.Snapshot is served as a packed snapshot (working set).
+	Source source.Source
 	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
 	// snapshot.DefaultCacheSize).
 	CacheSize int64
@@ -93,5 +93,6 @@ type Report struct {
 type Summary struct {
 	Live, VMs                                int
 	Faults, Pages, ZeroPages, Removed, Bytes uint64
+	Prefetched                               uint64        // pages the working-set prefetch installed
 	P50, P99                                 time.Duration // estimates, as in Report
 }

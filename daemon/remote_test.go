@@ -89,12 +89,24 @@ func (b *bucketSnapshot) chunkKey(i int) string {
 	return remote.ChunkKey(b.m.ChunkFileName(i), b.m.Chunks[i].Stored)
 }
 
+// startRemote serves the bucket's snapshot, opened through files as serve does: the daemon is
+// given the open snapshot (Config.Source), closed after the daemon.
 func startRemote(t *testing.T, b *bucketSnapshot, files *remote.Files, mod func(*daemon.Config)) *fixture {
+	t.Helper()
+	cfg := daemon.Config{}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := snap.OpenFiles(context.Background(), b.url, files, snap.Options{CacheSize: cfg.CacheSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() }) // after the daemon's cleanup (registered later, run first)
 	return start(t, "", func(c *daemon.Config) {
-		c.MemFile, c.Snapshot, c.Files = "", b.url, files
 		if mod != nil {
 			mod(c)
 		}
+		c.MemFile, c.Snapshot, c.Source = "", "", s
 	})
 }
 

@@ -15,8 +15,8 @@ import (
 // chunk's.
 
 // DefaultFrameSize is the image bytes per frame Pack uses when PackOptions leaves it 0 (for a
-// page size above it, one page). BENCHMARKS.md ("Pack") and FORMAT.md say why 64 KiB.
-const DefaultFrameSize = 64 << 10
+// page size above it, one page). BENCHMARKS.md ("Pack") and FORMAT.md say why 32 KiB.
+const DefaultFrameSize = 32 << 10
 
 // chunkMagic starts every chunk file; the frame table follows it.
 const chunkMagic = "FLCHUNK2"
@@ -24,9 +24,12 @@ const chunkMagic = "FLCHUNK2"
 // dictSize is the bytes of sampled pages Pack puts in a chunk directory's dictionary.
 const dictSize = 64 << 10
 
-// A frameLoc is where one frame of the image is stored, precomputed at Open for every frame.
+// maxFramesPerChunk bounds chunk_size / frame_size, so that a manifest cannot make a reader
+// allocate far more than its own size.
+const maxFramesPerChunk = 4096
+
+// A frameLoc is where one frame of a chunk is stored, precomputed at Open.
 type frameLoc struct {
-	chunk  int32
 	stored int32 // bytes in the chunk file; 0: the frame's pages are all zero
 	off    int64 // offset in the chunk file
 	hash   [32]byte
@@ -77,16 +80,20 @@ func appendFrameRec(t []byte, stored int64, hash *[32]byte) []byte {
 // parseFrames decodes chunk i's frame table and checks it against the zero map: a frame
 // stores nothing exactly when its pages are all zero, and at most its payload (equal: raw).
 func (m *Manifest) parseFrames(i int, t []byte) ([]frameRec, error) {
-	n := m.framesIn(i)
-	out := make([]frameRec, n)
 	g0 := i * int(m.ChunkSize/m.FrameSize)
+	return parseTable(m.framesIn(i), t, func(k int) int64 { return m.framePayload(g0 + k) })
+}
+
+// parseTable decodes a frame table of n frames whose payload lengths payloadOf gives.
+func parseTable(n int, t []byte, payloadOf func(k int) int64) ([]frameRec, error) {
+	out := make([]frameRec, n)
 	for k := range n {
 		u, l := binary.Uvarint(t)
 		if l <= 0 {
 			return nil, fmt.Errorf("frame table ends at frame %d of %d", k, n)
 		}
 		t = t[l:]
-		payload := m.framePayload(g0 + k)
+		payload := payloadOf(k)
 		if u > uint64(payload) || (u == 0) != (payload == 0) {
 			return nil, fmt.Errorf("frame %d stores %d bytes for %d bytes of non-zero pages", k, u, payload)
 		}

@@ -220,8 +220,8 @@ func (m *Manifest) Validate() error {
 	if m.ChunkSize <= 0 || m.ChunkSize > maxChunkSize || m.ChunkSize%m.PageSize != 0 {
 		return corruptf("manifest: chunk size %d is not a multiple of the page size %d up to 1 GiB", m.ChunkSize, m.PageSize)
 	}
-	if m.FrameSize <= 0 || m.FrameSize%m.PageSize != 0 || m.ChunkSize%m.FrameSize != 0 {
-		return corruptf("manifest: frame size %d is not a multiple of the page size %d dividing the chunk size %d", m.FrameSize, m.PageSize, m.ChunkSize)
+	if m.FrameSize <= 0 || m.FrameSize%m.PageSize != 0 || m.ChunkSize%m.FrameSize != 0 || m.ChunkSize/m.FrameSize > maxFramesPerChunk {
+		return corruptf("manifest: frame size %d is not a multiple of the page size %d dividing the chunk size %d into at most 4096 frames", m.FrameSize, m.PageSize, m.ChunkSize)
 	}
 	if d := m.Dict; d != nil && (!isHash(d.Hash) || d.Size <= 0 || d.Size > 1<<20) {
 		return corruptf("manifest: dictionary %q of %d bytes", d.Hash, d.Size)

@@ -96,6 +96,8 @@ type Info struct {
 	Size       int64 // image bytes
 	PageSize   int64
 	ChunkSize  int64
+	FrameSize  int64
+	DictSize   int64 // the zstd dictionary's bytes (0: none)
 	Pages      int64
 	ZeroPages  int64
 	Chunks     int   // all chunks
@@ -131,8 +133,11 @@ func Inspect(dir string) (*Info, error) {
 	if err != nil {
 		return nil, err
 	}
-	in := &Info{Dir: dir, Size: m.Size, PageSize: m.PageSize, ChunkSize: m.ChunkSize,
+	in := &Info{Dir: dir, Size: m.Size, PageSize: m.PageSize, ChunkSize: m.ChunkSize, FrameSize: m.FrameSize,
 		Pages: m.Pages(), Chunks: len(m.Chunks), Store: m.Store}
+	if m.Dict != nil {
+		in.DictSize = m.Dict.Size
+	}
 	for p := range m.Pages() {
 		if m.isZero(p) {
 			in.ZeroPages++

@@ -117,8 +117,8 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 	if o.PageSize < 512 || o.PageSize&(o.PageSize-1) != 0 || o.ChunkSize <= 0 || o.ChunkSize%o.PageSize != 0 || o.ChunkSize > maxChunkSize {
 		return nil, fmt.Errorf("pack: chunk size %d must be a multiple of the page size %d (a power of two), at most 1 GiB", o.ChunkSize, o.PageSize)
 	}
-	if o.FrameSize <= 0 || o.FrameSize%o.PageSize != 0 || o.ChunkSize%o.FrameSize != 0 {
-		return nil, fmt.Errorf("pack: frame size %d must be a multiple of the page size %d that divides the chunk size %d", o.FrameSize, o.PageSize, o.ChunkSize)
+	if o.FrameSize <= 0 || o.FrameSize%o.PageSize != 0 || o.ChunkSize%o.FrameSize != 0 || o.ChunkSize/o.FrameSize > maxFramesPerChunk {
+		return nil, fmt.Errorf("pack: frame size %d must be a multiple of the page size %d that divides the chunk size %d into at most %d frames", o.FrameSize, o.PageSize, o.ChunkSize, maxFramesPerChunk)
 	}
 	f, err := os.Open(memFile)
 	if err != nil {
@@ -482,9 +482,9 @@ func (w *packer) pack(j packJob) packResult {
 	if fi, err := os.Stat(filepath.Join(w.chunkDir, name)); err == nil {
 		// The file is there (a store, a second pack into this directory, the same chunk
 		// twice): its frame table is the entry's, once its frames are those of these bytes.
-		t, err := w.existingTable(j.idx, name, fi.Size())
+		t, err := w.existingTable(name, fi.Size(), nf, func(k int) int64 { return frames[k].n })
 		if err == nil {
-			recs, _ := m.parseFrames(j.idx, t)
+			recs, _ := parseTable(nf, t, func(k int) int64 { return frames[k].n })
 			for k, rec := range recs {
 				if rec.stored > 0 && rec.hash != frames[k].hash {
 					err = fmt.Errorf("frame %d's hash differs", k)
@@ -524,8 +524,9 @@ func (w *packer) pack(j packJob) packResult {
 }
 
 // existingTable reads and checks the frame table of the chunk file name that is already in
-// the chunk directory.
-func (w *packer) existingTable(idx int, name string, size int64) ([]byte, error) {
+// the chunk directory: n frames, whose payload lengths payloadOf gives (the zero map of the
+// chunk is not in the manifest yet).
+func (w *packer) existingTable(name string, size int64, n int, payloadOf func(int) int64) ([]byte, error) {
 	f, err := os.Open(filepath.Join(w.chunkDir, name))
 	if err != nil {
 		return nil, err
@@ -540,7 +541,7 @@ func (w *packer) existingTable(idx int, name string, size int64) ([]byte, error)
 		return nil, err
 	}
 	t = append([]byte(nil), t...)
-	recs, err := w.m.parseFrames(idx, t)
+	recs, err := parseTable(n, t, payloadOf)
 	if err != nil {
 		return nil, err
 	}

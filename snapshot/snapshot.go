@@ -34,7 +34,7 @@ type Snapshot struct {
 	dir    string // the directory, or what the Files came from, for messages
 	files  Files
 	m      *Manifest
-	frames []frameLoc // per frame of the image
+	frames [][]frameLoc // per chunk, per frame (nil for an all-zero chunk)
 	dec    *zstd.Decoder
 	cache  cache
 	comp   sync.Pool // *[]byte buffers for compressed frame bytes
@@ -123,21 +123,19 @@ func openFiles(ctx context.Context, name string, f Files, o Options, check bool)
 	if s.dec, err = zstd.NewReader(nil, dopts...); err != nil {
 		return nil, err
 	}
-	s.frames = make([]frameLoc, m.NumFrames())
-	per := int(m.ChunkSize / m.FrameSize)
+	s.frames = make([][]frameLoc, len(m.Chunks))
 	for i, c := range m.Chunks {
 		if c.Enc == EncZero {
-			for k := range m.framesIn(i) {
-				s.frames[i*per+k].chunk = int32(i)
-			}
 			continue
 		}
 		recs, _ := m.parseFrames(i, c.Frames) // validated by DecodeManifest
+		locs := make([]frameLoc, len(recs))
 		off := headerLen(c.Frames)
 		for k, r := range recs {
-			s.frames[i*per+k] = frameLoc{chunk: int32(i), stored: int32(r.stored), off: off, hash: r.hash}
+			locs[k] = frameLoc{stored: int32(r.stored), off: off, hash: r.hash}
 			off += r.stored
 		}
+		s.frames[i] = locs
 	}
 	s.cache.init(o.CacheSize, m.FrameSize)
 	return s, nil
@@ -237,14 +235,17 @@ func (s *Snapshot) chunkError(i int, err error) error {
 // fails verification is read once more after telling the Files (a cache fetches it anew). The
 // error is a *ChunkError.
 func (s *Snapshot) readFrame(ctx context.Context, g int, dst []byte) error {
-	loc := &s.frames[g]
 	m := s.m
+	per := int(m.ChunkSize / m.FrameSize)
+	ci := g / per
 	dst = dst[:m.frameLen(g)]
-	if loc.stored == 0 {
+	locs := s.frames[ci]
+	if locs == nil || locs[g-ci*per].stored == 0 {
 		clear(dst)
 		return nil
 	}
-	c := m.Chunks[loc.chunk]
+	loc := &locs[g-ci*per]
+	c := m.Chunks[ci]
 	name := m.chunkFileName(c)
 	err := s.readFrameOnce(ctx, g, loc, c, name, dst)
 	if errors.Is(err, ErrCorrupt) {
@@ -252,7 +253,7 @@ func (s *Snapshot) readFrame(ctx context.Context, g int, dst []byte) error {
 		err = s.readFrameOnce(ctx, g, loc, c, name, dst)
 	}
 	if err != nil {
-		return s.chunkError(int(loc.chunk), fmt.Errorf("frame at image offset %#x: %w", int64(g)*m.FrameSize, err))
+		return s.chunkError(ci, fmt.Errorf("frame at image offset %#x: %w", int64(g)*m.FrameSize, err))
 	}
 	return nil
 }

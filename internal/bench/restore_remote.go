@@ -199,10 +199,17 @@ func (rb *restoreBench) remoteCases(rep *RestoreReport, rtt time.Duration, c *re
 			if name == CaseRemoteOnDemand {
 				trace = all
 			}
+			// The daemon serves the snapshot opened from the bucket (as serve does), closed
+			// after it.
+			var snap *snapshot.Snapshot
+			if snap, err = snapshot.OpenFiles(context.Background(), url, f, snapshot.Options{CacheSize: rb.o.CacheSize}); err != nil {
+				return fmt.Errorf("%s: %w", name, err)
+			}
 			res, err = rb.runWith(name, trace, func(cfg *daemon.Config) {
-				cfg.Snapshot, cfg.Files, cfg.Record = url, f, false
+				cfg.Snapshot, cfg.MemFile, cfg.Source, cfg.Record = "", "", snap, false
 				cfg.NoPrefetch = name == CaseRemoteOnDemand
 			})
+			snap.Close()
 		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/faultline-go/faultline/internal/bench"
 	"github.com/faultline-go/faultline/internal/s3test"
 )
 
@@ -27,9 +28,9 @@ func TestBenchRestoreRemote(t *testing.T) {
 			t.Errorf("no %q in:\n%s", want, s)
 		}
 	}
-	// 7 local rows, and local-on-demand and three remote VMs.
-	if n := strings.Count(s, ", 0 wrong"); n != 11 {
-		t.Errorf("%d rows with every page right, want 11:\n%s", n, s)
+	// The recording run and the local cases, then local-on-demand and three remote VMs.
+	if n, want := strings.Count(s, ", 0 wrong"), 1+len(bench.RestoreCases)+1+3; n != want {
+		t.Errorf("%d rows with every page right, want %d:\n%s", n, want, s)
 	}
 	if c := Run([]string{"bench", "restore", "--rtt", "5"}, &out, &errs); c != 2 {
 		t.Errorf("--rtt 5: exit %d, want 2", c)

@@ -5,10 +5,10 @@ package cli
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -37,17 +37,22 @@ func init() {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("serve", "--socket PATH (--mem-file PATH | --snapshot DIR) [flags]\n\n"+
+	fs := newFlagSet("serve", "--socket PATH (--mem-file PATH | --snapshot DIR) [flags]\n"+
+		"       faultline serve --control PATH [--socket PATH (--mem-file PATH | --snapshot DIR)] [flags]\n\n"+
 		"Serve listens on a Unix socket for Firecracker's UFFD handshake (snapshot load with\n"+
 		"\"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": PATH}) and serves every VM that\n"+
 		"connects from the memory snapshot file or packed snapshot directory (faultline pack), until\n"+
 		"SIGINT/SIGTERM: the first signal stops accepting and serves live VMs until they exit; a\n"+
 		"second one exits at once. With --record it stores the working set of the VMs it serves in\n"+
-		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.", stderr)
+		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.\n\n"+
+		"With --control it serves a fleet: VMs bound to UFFD sockets and snapshots through the control\n"+
+		"API on that socket (faultline vm create|ls|rm), --cache-size bounding the chunk cache memory\n"+
+		"of all packed snapshots together; a --socket given too is the binding \"default\".", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot: a directory from faultline pack, or s3://BUCKET/PREFIX from faultline push (this or --mem-file)")
-	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of a --snapshot directory kept in memory; for an s3:// one, of --cache-dir (default "+defaultDiskCache+") (K, M, G)")
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G); with --control, of every packed snapshot together; "+
+		"with --cache-dir, of that disk cache instead (and --mem-cache-size of the memory)")
 	rf := addRemoteFlags(fs)
 	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
 	recordWindow := fs.Duration("record-window", 0, "record only this long after each VM's handshake (0: until the VM ends)")
@@ -64,10 +69,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	maxRegions := fs.Int("max-regions", 4096, "most regions one handshake may carry")
 	timeout := fs.Duration("handshake-timeout", 5*time.Second, "how long a started handshake may take")
 	maxHandshakes := fs.Int("max-handshakes", 8, "most handshakes one connection may send (Firecracker sends one)")
+	fl := fleetFlags(fs)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
+	if *fl.control != "" && *socket == "" && *memFile == "" && *snapDir == "" && !*record && fs.NArg() == 0 {
+		// A fleet with no single VM: the bindings come through the control API.
+	} else if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "faultline serve: --socket and one of --mem-file or --snapshot are required, and nothing else")
 		fs.Usage()
 		return 2
@@ -81,11 +89,17 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline serve: --record needs a snapshot directory (record it locally, then push it)")
 		return 2
 	}
-	var cache int
-	var err error
-	if !isRemote {
-		if cache, err = parseSize(*cacheSize); err != nil || cache <= 0 {
-			fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
+	cache, err := parseSize(*cacheSize)
+	if err != nil || cache <= 0 {
+		fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
+		return 2
+	}
+	// With --cache-dir, --cache-size is the disk cache's bound and --mem-cache-size the memory's.
+	disk := int64(defaultDiskCache)
+	if *rf.cacheDir != "" {
+		disk = int64(cache)
+		if cache, err = parseSize(*rf.memCache); err != nil || cache <= 0 {
+			fmt.Fprintf(stderr, "faultline serve: --mem-cache-size %q: want a size such as 256M\n", *rf.memCache)
 			return 2
 		}
 	}
@@ -127,20 +141,23 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(h)
 	cfg.Logger = log
+	rs := newRemoteServe(rf, disk, log)
+	defer rs.close()
+	if *fl.control != "" {
+		openers := maps.Clone(snapshotOpeners)
+		openers["s3"] = rs.open
+		return serveFleet(fl, cfg, openers, *metrics, log, stderr)
+	}
 	if isRemote {
-		disk := ""
-		fs.Visit(func(f *flag.Flag) {
-			if f.Name == "cache-size" {
-				disk = f.Value.String()
-			}
-		})
-		r, err := openRemote(*snapDir, rf, disk, log)
+		// The daemon serves the snapshot opened from the bucket; it is closed after the
+		// daemon, the disk cache after it.
+		snap, err := rs.openSnapshot(*snapDir, cfg.CacheSize)
 		if err != nil {
 			fmt.Fprintln(stderr, "faultline serve:", err)
 			return 1
 		}
-		defer r.close(log)
-		cfg.Files, cfg.CacheSize = r.files, r.memSize
+		defer snap.Close()
+		cfg.Snapshot, cfg.Source = "", snap
 	}
 	d, err := daemon.New(cfg)
 	if err != nil {
@@ -148,33 +165,16 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if *metrics != "" {
-		reg := prometheus.NewRegistry()
-		reg.MustRegister(d.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		ln, err := net.Listen("tcp", *metrics)
+		stop, err := serveMetrics(*metrics, d.Collector(), log)
 		if err != nil {
 			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
 			d.Close()
 			<-d.Done()
 			return 1
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go srv.Serve(ln)
-		defer srv.Shutdown(context.Background())
-		log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+		defer stop()
 	}
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	go func() {
-		s := <-sigs
-		log.Info("signal: draining (send it again to exit now)", "signal", s.String())
-		d.Drain()
-		s = <-sigs
-		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", d.Live())
-		d.Close()
-	}()
+	defer onSignals(log, d.Drain, d.Close, d.Live)()
 	if *snapDir != "" {
 		log.Info("serving", "socket", *socket, "snapshot", *snapDir, "record", *record, "prefetch", !*noPrefetch && !*record, "on_failure", cfg.OnFailure)
 	} else {
@@ -186,6 +186,38 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// serveMetrics serves Prometheus metrics of c (and the Go runtime's and the process's) on addr
+// until stop.
+func serveMetrics(addr string, c prometheus.Collector, log *slog.Logger) (stop func(), err error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+	return func() { srv.Shutdown(context.Background()) }, nil
+}
+
+// onSignals drains on the first SIGINT/SIGTERM and closes on the second, until stop.
+func onSignals(log *slog.Logger, drain, close func(), live func() int) (stop func()) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		log.Info("signal: draining (send it again to exit now)", "signal", s.String())
+		drain()
+		s = <-sigs
+		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", live())
+		close()
+	}()
+	return func() { signal.Stop(sigs) }
 }
 
 func parseAround(s string, maxPages int) (engine.FaultAround, error) {

@@ -8,21 +8,20 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/faultline-go/faultline/chunkcache"
 	"github.com/faultline-go/faultline/remote"
 	"github.com/faultline-go/faultline/snapshot"
+	"github.com/faultline-go/faultline/source"
 )
 
-// Defaults of serve's bounds for an s3:// --snapshot: --cache-size is then the disk cache's,
-// --mem-cache-size the decompressed frames' in memory (what --cache-size is for a directory).
-const (
-	defaultDiskCache = "4G"
-	defaultMemCache  = "256M"
-)
+// defaultDiskCache bounds the disk cache of snapshots in a bucket without --cache-dir (a
+// temporary directory); with --cache-dir, --cache-size does.
+const defaultDiskCache = 4 << 30
 
-// remoteFlags are serve's flags for a snapshot in a bucket.
+// remoteFlags are serve's flags for snapshots in a bucket.
 type remoteFlags struct {
 	endpoint, cacheDir, memCache *string
 	warm                         *bool
@@ -31,38 +30,45 @@ type remoteFlags struct {
 func addRemoteFlags(fs *flag.FlagSet) remoteFlags {
 	return remoteFlags{
 		endpoint: fs.String("s3-endpoint", "", s3EndpointUsage),
-		cacheDir: fs.String("cache-dir", "", "disk cache of the chunks of an s3:// --snapshot, bounded by --cache-size (default "+defaultDiskCache+
-			" for it); one daemon owns it, all its VMs and snapshots share it (default: a temporary directory, removed at exit)"),
-		memCache: fs.String("mem-cache-size", defaultMemCache, "bound of the decompressed frames of an s3:// --snapshot kept in memory"),
-		warm: fs.Bool("warm-cache", true, "fetch an s3:// --snapshot's chunks into --cache-dir in the background from the start, "+
-			"when they fit in half of it (faults' fetches go first)"),
+		cacheDir: fs.String("cache-dir", "", "disk cache of the chunks of s3:// snapshots, bounded by --cache-size; this daemon owns it, "+
+			"all its VMs and snapshots share it (default: a temporary directory bounded by 4G, removed at exit)"),
+		memCache: fs.String("mem-cache-size", "256M", "with --cache-dir: bound of the decompressed chunks kept in memory (what --cache-size is without it)"),
+		warm: fs.Bool("warm-cache", true, "fetch an s3:// snapshot's chunks into the disk cache in the background from its open, "+
+			"once its working set has streamed, when they fit in half of the cache (faults' fetches go first)"),
 	}
 }
 
-// remoteServe is an s3:// snapshot's files for the daemon, and what to do at exit.
+// remoteServe opens the s3:// snapshots of one serve: a client of each, all through one disk
+// cache, opened at the first.
 type remoteServe struct {
-	files   *remote.Files
-	cache   *chunkcache.Cache
-	tmpDir  string
-	memSize int64
+	rf    remoteFlags
+	limit int64
+	log   *slog.Logger
+
+	mu     sync.Mutex
+	cache  *chunkcache.Cache
+	tmpDir string
+	files  []*remote.Files
 }
 
-// openRemote checks the bucket and its credentials (so a daemon that cannot read it fails at
-// start, not at its first fault) and opens the disk cache. diskSize is --cache-size, "" if it
-// was not given.
-func openRemote(url string, rf remoteFlags, diskSize string, log *slog.Logger) (*remoteServe, error) {
-	if diskSize == "" {
-		diskSize = defaultDiskCache
+func newRemoteServe(rf remoteFlags, diskLimit int64, log *slog.Logger) *remoteServe {
+	return &remoteServe{rf: rf, limit: diskLimit, log: log}
+}
+
+// open is the fleet's opener of s3:// references.
+func (r *remoteServe) open(ref string, cacheSize int64) (source.Source, error) {
+	s, err := r.openSnapshot(ref, cacheSize)
+	if err != nil {
+		return nil, err
 	}
-	disk, err := parseSize(diskSize)
-	if err != nil || disk <= 0 {
-		return nil, fmt.Errorf("--cache-size %q: want a size such as 4G", diskSize)
-	}
-	mem, err := parseSize(*rf.memCache)
-	if err != nil || mem <= 0 {
-		return nil, fmt.Errorf("--mem-cache-size %q: want a size such as 256M", *rf.memCache)
-	}
-	c, err := newRemoteClient(url, *rf.endpoint)
+	return s, nil
+}
+
+// openSnapshot checks the bucket and its credentials (so that a snapshot that cannot be read
+// fails at its open, not at a VM's first fault) and opens the snapshot through the disk cache,
+// with cacheSize bytes of decompressed chunks in memory.
+func (r *remoteServe) openSnapshot(url string, cacheSize int64) (*snapshot.Snapshot, error) {
+	c, err := newRemoteClient(url, *r.rf.endpoint)
 	if err != nil {
 		return nil, err
 	}
@@ -75,37 +81,65 @@ func openRemote(url string, rf remoteFlags, diskSize string, log *slog.Logger) (
 	if !exists {
 		return nil, fmt.Errorf("%s: %w: no bucket %q", url, snapshot.ErrMissing, c.Location().Bucket)
 	}
-	r := &remoteServe{memSize: int64(mem)}
-	dir := *rf.cacheDir
+	cache, err := r.diskCache()
+	if err != nil {
+		return nil, err
+	}
+	f := remote.NewFiles(c, cache, remote.FilesOptions{Log: r.log, Warm: *r.rf.warm})
+	s, err := snapshot.OpenFiles(ctx, url, f, snapshot.Options{CacheSize: cacheSize})
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	r.mu.Lock()
+	r.files = append(r.files, f)
+	r.mu.Unlock()
+	return s, nil
+}
+
+// diskCache opens the disk cache at its first use.
+func (r *remoteServe) diskCache() (*chunkcache.Cache, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cache != nil {
+		return r.cache, nil
+	}
+	dir := *r.rf.cacheDir
 	if dir == "" {
+		var err error
 		if r.tmpDir, err = os.MkdirTemp("", "faultline-cache-"); err != nil {
 			return nil, err
 		}
 		dir = r.tmpDir
 	}
-	if r.cache, err = chunkcache.Open(dir, int64(disk)); err != nil {
-		r.close(log)
+	c, err := chunkcache.Open(dir, r.limit)
+	if err != nil {
 		return nil, err
 	}
-	r.files = remote.NewFiles(c, r.cache, remote.FilesOptions{Log: log, Warm: *rf.warm})
-	st := r.cache.Stats()
-	log.Info("chunk cache", "dir", dir, "limit", snapshot.FormatBytes(int64(disk)), "files", st.Files, "bytes", snapshot.FormatBytes(st.Bytes))
-	return r, nil
+	st := c.Stats()
+	r.log.Info("chunk cache", "dir", dir, "limit", snapshot.FormatBytes(r.limit), "files", st.Files, "bytes", snapshot.FormatBytes(st.Bytes))
+	r.cache = c
+	return c, nil
 }
 
-// close logs what was read from the bucket and through the cache, and closes the cache.
-func (r *remoteServe) close(log *slog.Logger) {
-	if r.files != nil {
-		cs, rs := r.cache.Stats(), r.files.Client().Stats()
-		log.Info("bucket and chunk cache", "gets", rs.Gets, "bytes_fetched", rs.GetBytes, "retries", rs.Retries,
-			"cache_hits", cs.Hits, "cache_fetches", cs.Fetches, "evictions", cs.Evictions, "cached_bytes", cs.Bytes)
+// close logs what was read from the buckets and through the cache, and closes the cache. The
+// snapshots are closed already.
+func (r *remoteServe) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cache == nil {
+		return
 	}
-	if r.files != nil {
-		r.files.Close()
+	var gets, bytes, retries int64
+	for _, f := range r.files {
+		f.Close()
+		st := f.Client().Stats()
+		gets, bytes, retries = gets+st.Gets, bytes+st.GetBytes, retries+st.Retries
 	}
-	if r.cache != nil {
-		r.cache.Close()
-	}
+	cs := r.cache.Stats()
+	r.log.Info("bucket and chunk cache", "gets", gets, "bytes_fetched", bytes, "retries", retries,
+		"cache_hits", cs.Hits, "cache_fetches", cs.Fetches, "evictions", cs.Evictions, "cached_bytes", cs.Bytes)
+	r.cache.Close()
 	if r.tmpDir != "" {
 		os.RemoveAll(r.tmpDir)
 	}
