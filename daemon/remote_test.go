@@ -304,3 +304,44 @@ func TestRemoteSmallCache(t *testing.T) {
 		t.Fatalf("cache %+v with limit %d: want evictions, within the limit", st, limit)
 	}
 }
+
+// A fetch that fails for good is the failure policy's: a chunk object deleted after the open
+// (missing), and the server gone for good (transient, after the retries). The VM is killed,
+// never served a wrong byte, and the failure names the chunk and why.
+func TestRemoteFetchFailsForGood(t *testing.T) {
+	const size = 8 << 20
+	for _, tc := range []struct {
+		name, want string
+		spoil      func(b *bucketSnapshot) error
+	}{
+		{"missing", "missing", func(b *bucketSnapshot) error {
+			return b.client(t, b.srv.Endpoint).Remove(context.Background(), b.chunkKey(len(b.m.Chunks)-1))
+		}},
+		{"server gone", "attempts", func(b *bucketSnapshot) error { b.srv.Stop(); return nil }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := pushSnapshot(t, size)
+			files, _ := b.files(t, b.srv.Endpoint, 1<<30)
+			f := startRemote(t, b, files, func(c *daemon.Config) { c.NoPrefetch = true })
+			if err := tc.spoil(b); err != nil {
+				t.Fatal(err)
+			}
+			m, err := vmm.Start(vmm.Options{Socket: f.d.Addr(), Regions: []vmm.Region{{Size: size}}})
+			if err == nil {
+				got, terr := m.TouchRange(0, 0, size, 1, seed, false)
+				if terr == nil {
+					t.Fatalf("the VM read all of memory: %+v", got)
+				}
+				if got.Wrong != 0 {
+					t.Fatalf("%d wrong pages served", got.Wrong)
+				}
+				m.Wait()
+			}
+			r := f.report()
+			if !strings.Contains(r.Failure, "chunk") || !strings.Contains(r.Failure, tc.want) {
+				t.Fatalf("failure %q, want it to name the chunk and %q", r.Failure, tc.want)
+			}
+			t.Logf("failure: %s", r.Failure)
+		})
+	}
+}

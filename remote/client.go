@@ -102,6 +102,9 @@ func (c *Client) Stats() Stats {
 		PutBytes: c.st.putBytes.Load(), Lists: c.st.lists.Load(), Retries: c.st.retries.Load()}
 }
 
+// url is key's s3:// URL, for errors.
+func (c *Client) url(key string) string { return "s3://" + c.loc.Bucket + "/" + key }
+
 // Location is where the client's snapshot is.
 func (c *Client) Location() Location { return c.loc }
 
@@ -335,7 +338,7 @@ func (r *reader) Read(p []byte) (int, error) {
 	}
 	for {
 		if r.body == nil {
-			if err := r.c.retry(r.ctx, "get "+r.key, r.start); err != nil {
+			if err := r.c.retry(r.ctx, "get "+r.c.url(r.key), r.start); err != nil {
 				r.err = err
 				return 0, err
 			}
@@ -348,7 +351,7 @@ func (r *reader) Read(p []byte) (int, error) {
 			r.c.st.getBytes.Add(int64(n))
 			if r.off > r.size {
 				r.drop()
-				r.err = fmt.Errorf("remote: get %s: %w: longer than the %d bytes expected", r.key, snapshot.ErrCorrupt, r.size)
+				r.err = fmt.Errorf("remote: get %s: %w: longer than the %d bytes expected", r.c.url(r.key), snapshot.ErrCorrupt, r.size)
 				return 0, r.err
 			}
 		}
@@ -363,12 +366,12 @@ func (r *reader) Read(p []byte) (int, error) {
 		// A broken body: resume with a new request, unless the caller is gone.
 		r.drop()
 		if cerr := r.ctx.Err(); cerr != nil {
-			r.err = fmt.Errorf("remote: get %s: %w: %w", r.key, snapshot.ErrTransient, cerr)
+			r.err = fmt.Errorf("remote: get %s: %w: %w", r.c.url(r.key), snapshot.ErrTransient, cerr)
 			return n, r.err
 		}
 		if n == 0 {
 			if r.broken++; r.broken >= r.c.cfg.Attempts {
-				r.err = fmt.Errorf("remote: get %s: %w: the body broke at byte %d %d times in a row: %w", r.key, snapshot.ErrTransient, r.off, r.broken, err)
+				r.err = fmt.Errorf("remote: get %s: %w: the body broke at byte %d %d times in a row: %w", r.c.url(r.key), snapshot.ErrTransient, r.off, r.broken, err)
 				return 0, r.err
 			}
 		}
