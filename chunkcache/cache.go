@@ -46,6 +46,8 @@ type entry struct {
 	busy chan struct{} // non-nil while a fetch of it runs; closed when it ends
 	err  error         // the fetch's error, for its waiters
 	gone bool          // forgotten while open: its file is deleted when the last File closes
+	// touched is when its mtime was last set (its fetch, a hit, or found at Open).
+	touched time.Time
 	prev *entry
 	next *entry
 }
@@ -114,7 +116,7 @@ func Open(dir string, limit int64) (*Cache, error) {
 	// Oldest first, each pushed to the front: the newest ends up most recent.
 	slices.SortFunc(files, func(a, b found) int { return a.mtime.Compare(b.mtime) })
 	for _, f := range files {
-		e := &entry{name: f.name, size: f.size}
+		e := &entry{name: f.name, size: f.size, touched: f.mtime}
 		c.m[f.name] = e
 		c.pushFront(e)
 		c.used += f.size
@@ -190,7 +192,17 @@ func (c *Cache) Open(ctx context.Context, name string, size int64, fetch Fetch) 
 			c.unlink(e)
 			c.pushFront(e)
 		}
+		// The order survives a restart by the files' mtimes (Open sorts by them): renewed on
+		// a hit, at most once a minute per file, so that a hot chunk costs no syscall per read.
+		now := time.Now()
+		touch := now.Sub(e.touched) > time.Minute
+		if touch {
+			e.touched = now
+		}
 		c.mu.Unlock()
+		if touch {
+			os.Chtimes(filepath.Join(c.dir, name), time.Time{}, now)
+		}
 		f, err := os.Open(filepath.Join(c.dir, name))
 		if err != nil {
 			// Deleted behind the cache's back: forget it and fetch again.
@@ -211,7 +223,7 @@ func (c *Cache) Open(ctx context.Context, name string, size int64, fetch Fetch) 
 
 // fetch runs the fetch of a name not present, with c.mu held on entry (released here).
 func (c *Cache) fetch(ctx context.Context, name string, size int64, fetch Fetch) (*File, error) {
-	e := &entry{name: name, size: size, refs: 1, busy: make(chan struct{})}
+	e := &entry{name: name, size: size, refs: 1, busy: make(chan struct{}), touched: time.Now()}
 	c.m[name] = e
 	c.st.Fetches++
 	c.mu.Unlock()
@@ -363,7 +375,7 @@ func (t *tee) commit() {
 		os.Remove(name)
 		return
 	}
-	e := &entry{name: t.name, size: t.size}
+	e := &entry{name: t.name, size: t.size, touched: time.Now()}
 	c.m[t.name] = e
 	c.st.Fetches++
 	c.st.FetchedBytes += t.size

@@ -322,3 +322,40 @@ func TestStream(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// The LRU order survives a restart: a file hit (its mtime renewed) is kept over one that was
+// not, when the cache reopens smaller.
+func TestOrderSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	c := open(t, dir, 1<<20)
+	var f fetcher
+	old := time.Now().Add(-time.Hour)
+	for i, name := range []string{"a", "b"} {
+		file, err := c.Open(context.Background(), name, 1000, f.fetch(name, 1000))
+		if err != nil {
+			t.Fatal(err)
+		}
+		file.Close()
+		// As if fetched an hour ago, a before b: without a's hit, a would go first.
+		os.Chtimes(filepath.Join(dir, name), time.Time{}, old.Add(time.Duration(i)*time.Minute))
+	}
+	c.Close()
+	c = open(t, dir, 1<<20)
+	// a is hit now; b is not.
+	file, err := c.Open(context.Background(), "a", 1000, f.fetch("a", 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	file.Close()
+	c.Close()
+	c = open(t, dir, 1000) // room for one
+	if _, err := os.Stat(filepath.Join(dir, "a")); err != nil {
+		t.Fatalf("a, the recently used one, was evicted: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "b")); !os.IsNotExist(err) {
+		t.Fatalf("b survived: %v", err)
+	}
+	if st := c.Stats(); st.Files != 1 || st.Evictions != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}

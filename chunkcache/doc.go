@@ -6,8 +6,9 @@
 // A [Cache] owns its directory while open (an exclusive flock on DIR/.lock: a second process
 // opening the same directory gets an error, not a shared cache whose bound nobody keeps). It
 // holds at most its limit in bytes of files that nobody has open, evicting the least recently
-// used; files open by a reader are never removed under it and count towards the bound until
-// closed. Opening a file that is missing fetches it once, however many readers ask for it at
+// used (by access while open; across restarts by the files' mtimes, renewed on a hit at most
+// once a minute); files open by a reader are never removed under it and count towards the
+// bound until closed. Opening a file that is missing fetches it once, however many readers ask for it at
 // the same time (single flight): the first caller's fetch writes a temporary file, which is
 // renamed into place when it is whole, and the others wait for that fetch.
 //
