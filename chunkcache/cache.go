@@ -48,8 +48,8 @@ type entry struct {
 	gone bool          // forgotten while open: its file is deleted when the last File closes
 	// touched is when its mtime was last set (its fetch, a hit, or found at Open).
 	touched time.Time
-	prev *entry
-	next *entry
+	prev    *entry
+	next    *entry
 }
 
 // Stats counts what the cache did since Open.
