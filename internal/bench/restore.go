@@ -413,7 +413,9 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		if d, err = daemon.New(cfg); err != nil {
 			return res, err
 		}
-		defer d.Close()
+		// Waited for: the next case's daemon binds the same socket path, and a closing one
+		// still removes its socket file (by its inode, checked then removed: not atomic).
+		defer func() { d.Close(); <-d.Done() }()
 		go d.Serve()
 		m, err = vmm.Start(vmm.Options{Socket: d.Addr(), Regions: []vmm.Region{{Size: rb.o.Size}}, Trace: t})
 	}
