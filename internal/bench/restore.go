@@ -50,7 +50,9 @@ type RestoreOptions struct {
 	// ChunkSize and FrameSize are the packed snapshot's (0: pack's defaults).
 	CacheSize, ChunkSize, FrameSize int64
 	// Cases are the cases to run (default RestoreCases); the recording run always runs.
-	Cases    []string
+	Cases []string
+	// Remote adds the cases of a snapshot in a bucket behind an added RTT (restore_remote.go).
+	Remote   RemoteOptions
 	Progress func(format string, args ...any)
 }
 
@@ -101,6 +103,7 @@ type RestoreReport struct {
 	Packed      int64           `json:"packed_bytes"`
 	Results     []RestoreResult `json:"results"` // every rep
 	Medians     []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
+	Remote      []RemoteResult  `json:"remote,omitempty"`
 }
 
 // Restore cases, in the order they run within a rep.
@@ -297,6 +300,9 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 		slices.SortFunc(rs, func(a, b RestoreResult) int { return int(a.Restore - b.Restore) })
 		rep.Medians = append(rep.Medians, rs[(len(rs)-1)/2]) // the lower median of an even count
 	}
+	if err := rb.runRemote(rep, traceB); err != nil {
+		return nil, fmt.Errorf("remote: %w", err)
+	}
 	return rep, nil
 }
 
@@ -349,6 +355,11 @@ func waitWorkingSet(dir string) (*snapshot.Info, error) {
 
 // run restores one VM for case c touching trace t, and checks every page it touched.
 func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error) {
+	return rb.runWith(c, t, nil)
+}
+
+// runWith is run with the daemon's configuration changed by mod, if set.
+func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.Config)) (RestoreResult, error) {
 	res := RestoreResult{Case: c}
 	switch {
 	case c == CaseFileWarm:
@@ -394,12 +405,17 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true
 		}
+		if mod != nil {
+			mod(&cfg)
+		}
 		reports = make(chan daemon.Report, 1)
 		cfg.OnVMEnd = func(r daemon.Report) { reports <- r }
 		if d, err = daemon.New(cfg); err != nil {
 			return res, err
 		}
-		defer d.Close()
+		// Waited for: the next case's daemon binds the same socket path, and a closing one
+		// still removes its socket file (by its inode, checked then removed: not atomic).
+		defer func() { d.Close(); <-d.Done() }()
 		go d.Serve()
 		m, err = vmm.Start(vmm.Options{Socket: d.Addr(), Regions: []vmm.Region{{Size: rb.o.Size}}, Trace: t})
 	}

@@ -29,7 +29,9 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 		"the last touch; FAULTS the daemon's, or the VMM's minor+major faults for the File backend;\n"+
 		"READ the bytes read from storage by the VMM and this process (/proc/PID/io read_bytes),\n"+
 		"DISK the device's sectors read (/proc/diskstats, system-wide); CPU the daemon's and the\n"+
-		"VMM's CPU time.", stderr)
+		"VMM's CPU time. With --rtt, the same snapshot pushed to a versitygw bucket is served through\n"+
+		"a TCP proxy adding each RTT: trace B prefetched from the bucket, then by a second VM over the\n"+
+		"same disk cache, and all of memory on demand (bytes from the bucket over the restore time).", stderr)
 	size := fs.String("size", "512M", "guest memory (K, M, G suffixes)")
 	reps := fs.Int("reps", 3, "repetitions of every case, round-robin (the median is reported)")
 	threads := fs.Int("threads", 2, "vCPU threads")
@@ -42,8 +44,14 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process (the daemon's side) to `file`")
 	casesFlag := fs.String("cases", "", "comma-separated cases to run (default: all of "+strings.Join(bench.RestoreCases, ",")+")")
 	asJSON := fs.Bool("json", false, "print the whole report as JSON")
+	rbf := addRemoteBenchFlags(fs)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
+	}
+	ro, err := rbf.options(fs, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "faultline bench restore:", err)
+		return 2
 	}
 	sz, err := parseSize(*size)
 	if err != nil {
@@ -88,7 +96,7 @@ func runBenchRestore(args []string, stdout, stderr io.Writer) int {
 			cases = append(cases, c)
 		}
 	}
-	rep, err := bench.RunRestore(bench.RestoreOptions{Cases: cases, Size: sz, CacheSize: int64(cache), ChunkSize: int64(chunk), FrameSize: int64(frame), Reps: *reps, Threads: *threads, Dir: *dir, Seed: *seed,
+	rep, err := bench.RunRestore(bench.RestoreOptions{Cases: cases, Size: sz, CacheSize: int64(cache), ChunkSize: int64(chunk), FrameSize: int64(frame), Reps: *reps, Threads: *threads, Dir: *dir, Seed: *seed, Remote: ro,
 		DropCaches: !*noDrop, Progress: func(f string, a ...any) { fmt.Fprintf(stderr, "  "+f+"\n", a...) }})
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline bench restore:", err)
@@ -143,4 +151,5 @@ func printRestore(w io.Writer, rep *bench.RestoreReport, reps int) {
 		}
 		fmt.Fprintf(w, "%-45s %6.2fx  (%s / %s; target %s %.1fx: %s)\n", t.Name, ratio, t.Num, t.Den, op, t.Bound, verdict)
 	}
+	printRestoreRemote(w, rep)
 }

@@ -12,7 +12,7 @@ import (
 // touched page right, and the three targets' ratios (whatever they measure at this size).
 func TestBenchRestore(t *testing.T) {
 	var out, errs bytes.Buffer
-	if c := Run([]string{"bench", "restore", "--size", "16M", "--reps", "1", "--no-drop-caches", "--dir", t.TempDir()}, &out, &errs); c != 0 {
+	if c := Run([]string{"bench", "restore", "--size", "16M", "--reps", "1", "--no-drop-caches", "--rtt", "", "--dir", t.TempDir()}, &out, &errs); c != 0 {
 		t.Fatalf("exit %d: %s", c, errs.String())
 	}
 	s := out.String()

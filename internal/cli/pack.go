@@ -5,12 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"strings"
-
-	"github.com/schollz/progressbar/v3"
-	"golang.org/x/term"
 
 	"github.com/faultline-go/faultline/snapshot"
 )
@@ -64,20 +60,10 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 		}
 		*sf.to = n
 	}
-	var bar *progressbar.ProgressBar
-	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr),
-			progressbar.OptionShowBytes(true), progressbar.OptionSetDescription("packing"),
-			progressbar.OptionClearOnFinish(), progressbar.OptionThrottle(100e6))
-		o.Progress = func(done, total int64) {
-			bar.ChangeMax64(total)
-			bar.Set64(done)
-		}
-	}
+	progress, finish := newProgress(stderr, "packing")
+	o.Progress = progress
 	st, err := snapshot.Pack(context.Background(), *mem, *out, o)
-	if bar != nil {
-		bar.Finish()
-	}
+	finish()
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline pack:", err)
 		return 1

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/remote"
 )
 
 func init() {
@@ -48,8 +50,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		"of all packed snapshots together; a --socket given too is the binding \"default\".", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
-	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
-	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G); with --control, of every packed snapshot together")
+	snapDir := fs.String("snapshot", "", "packed snapshot: a directory from faultline pack, or s3://BUCKET/PREFIX from faultline push (this or --mem-file)")
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G); with --control, of every packed snapshot together; "+
+		"with --cache-dir, of that disk cache instead (and --mem-cache-size of the memory)")
+	rf := addRemoteFlags(fs)
 	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
 	recordWindow := fs.Duration("record-window", 0, "record only this long after each VM's handshake (0: until the VM ends)")
 	noPrefetch := fs.Bool("no-prefetch", false, "do not prefetch --snapshot's working set")
@@ -80,10 +84,24 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "faultline serve: --record needs --snapshot (a packed snapshot to store the working set in)")
 		return 2
 	}
+	isRemote := remote.IsURL(*snapDir)
+	if *record && isRemote {
+		fmt.Fprintln(stderr, "faultline serve: --record needs a snapshot directory (record it locally, then push it)")
+		return 2
+	}
 	cache, err := parseSize(*cacheSize)
 	if err != nil || cache <= 0 {
 		fmt.Fprintf(stderr, "faultline serve: --cache-size %q: want a size such as 256M\n", *cacheSize)
 		return 2
+	}
+	// With --cache-dir, --cache-size is the disk cache's bound and --mem-cache-size the memory's.
+	disk := int64(defaultDiskCache)
+	if *rf.cacheDir != "" {
+		disk = int64(cache)
+		if cache, err = parseSize(*rf.memCache); err != nil || cache <= 0 {
+			fmt.Fprintf(stderr, "faultline serve: --mem-cache-size %q: want a size such as 256M\n", *rf.memCache)
+			return 2
+		}
 	}
 	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, Snapshot: *snapDir, CacheSize: int64(cache),
 		Record: *record, RecordWindow: *recordWindow, NoPrefetch: *noPrefetch,
@@ -123,8 +141,23 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(h)
 	cfg.Logger = log
+	rs := newRemoteServe(rf, disk, log)
+	defer rs.close()
 	if *fl.control != "" {
-		return serveFleet(fl, cfg, *metrics, log, stderr)
+		openers := maps.Clone(snapshotOpeners)
+		openers["s3"] = rs.open
+		return serveFleet(fl, cfg, openers, *metrics, log, stderr)
+	}
+	if isRemote {
+		// The daemon serves the snapshot opened from the bucket; it is closed after the
+		// daemon, the disk cache after it.
+		snap, err := rs.openSnapshot(*snapDir, cfg.CacheSize)
+		if err != nil {
+			fmt.Fprintln(stderr, "faultline serve:", err)
+			return 1
+		}
+		defer snap.Close()
+		cfg.Snapshot, cfg.Source = "", snap
 	}
 	d, err := daemon.New(cfg)
 	if err != nil {

@@ -14,8 +14,8 @@ import (
 )
 
 // snapshotOpeners open the snapshot references of a fleet that are URLs, by scheme. A file of
-// this package that adds a kind of reference (s3://) fills it in from its init function; serve
-// --control passes it to the fleet as it is.
+// this package that adds a kind of reference fills it in from its init function; serve
+// --control passes it to the fleet with s3:// added (an opener that needs serve's flags).
 var snapshotOpeners = map[string]fleet.Opener{}
 
 // defaultBinding is the id of the binding serve --control makes of --socket.
@@ -37,7 +37,7 @@ func fleetFlags(fs *flag.FlagSet) fleetOpts {
 
 // serveFleet is serve --control: cfg is the daemon configuration of every binding, and of the
 // binding "default" if it names a socket.
-func serveFleet(o fleetOpts, cfg daemon.Config, metrics string, log *slog.Logger, stderr io.Writer) int {
+func serveFleet(o fleetOpts, cfg daemon.Config, openers map[string]fleet.Opener, metrics string, log *slog.Logger, stderr io.Writer) int {
 	minCache, err := parseSize(*o.minCache)
 	if err != nil || minCache <= 0 || int64(minCache) > cfg.CacheSize {
 		fmt.Fprintf(stderr, "faultline serve: --min-snapshot-cache %q: want a size such as 16M, at most --cache-size\n", *o.minCache)
@@ -46,7 +46,7 @@ func serveFleet(o fleetOpts, cfg daemon.Config, metrics string, log *slog.Logger
 	tmpl := cfg
 	tmpl.Socket, tmpl.MemFile, tmpl.Snapshot, tmpl.Record, tmpl.CacheSize = "", "", "", false, 0
 	s, err := fleet.New(fleet.Config{Daemon: tmpl, MaxVMs: *o.maxVMs, CacheSize: cfg.CacheSize,
-		MinCacheSize: int64(minCache), Openers: snapshotOpeners})
+		MinCacheSize: int64(minCache), Openers: openers})
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 1
