@@ -34,10 +34,17 @@ type reader struct {
 	parks      uint
 	pfd        []unix.PollFd
 	locked     bool // PollThread: this goroutine holds its OS thread
+	// journaled is the bytes of the durable journal (msgs, when Options.Durable is set) that
+	// the last read filled: cleared before the next read, so that what a successor finds there
+	// is the last batch read, and nothing older.
+	journaled int
 }
 
 func (e *Engine) newReader() *reader {
-	r := &reader{e: e, in: e.newInstaller(), msgs: make([]uffd.Msg, 64), spin: e.opts.SpinReads}
+	r := &reader{e: e, in: e.newInstaller(), msgs: e.journal, spin: e.opts.SpinReads}
+	if r.msgs == nil {
+		r.msgs = make([]uffd.Msg, JournalMsgs)
+	}
 	r.readFn = r.readLocked
 	r.pfd = []unix.PollFd{{Fd: int32(e.fd.Fd()), Events: unix.POLLIN}}
 	return r
@@ -191,6 +198,11 @@ func (r *reader) readLocked(fd uintptr) bool {
 func (r *reader) readHeld(fd uintptr) (got, again bool) {
 	e := r.e
 	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
+	if r.journaled > 0 {
+		// The last batch was applied and served (faults are copied out of msgs): forget it.
+		clear(buf[:r.journaled])
+		r.journaled = 0
+	}
 	n, err := unix.Read(int(fd), buf)
 	switch err {
 	case nil:
@@ -206,6 +218,9 @@ func (r *reader) readHeld(fd uintptr) (got, again bool) {
 		return true, false
 	}
 	r.n = n / uffd.MsgSize
+	if e.journal != nil {
+		r.journaled = n
+	}
 	r.at = time.Now()
 	r.readErr = r.applyEvents()
 	e.mu.Unlock()

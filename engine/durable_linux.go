@@ -1,0 +1,89 @@
+//go:build linux
+
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/faultline-go/faultline/uffd"
+)
+
+// Durable memory (Options.Durable) is where an engine keeps what a successor serving the same
+// userfaultfd must know so that it never serves a wrong byte after this process dies: which
+// pages were removed (REMOVE, UNMAP), and the last batch of messages read. The reader reads
+// straight into the journal, so a REMOVE is durable the moment read(2) returns — before the
+// madvise it completes can zap a page, and before this engine acts on it; a process killed
+// between the read and applying it leaves the message for Resume to apply. The memory must
+// outlive the process: a MAP_SHARED mapping of a file on tmpfs survives a crash without fsync.
+
+// durableLayout cuts mem (DurableSize(regions) bytes, 8-byte aligned) into the journal and one
+// bitmap per region.
+func durableLayout(mem []byte, regions []Region) (journal []uffd.Msg, removed []*bitmap, err error) {
+	if len(mem) < DurableSize(regions) {
+		return nil, nil, fmt.Errorf("engine: durable memory of %d bytes, need %d (DurableSize)", len(mem), DurableSize(regions))
+	}
+	if uintptr(unsafe.Pointer(unsafe.SliceData(mem)))%8 != 0 {
+		return nil, nil, errors.New("engine: durable memory not 8-byte aligned")
+	}
+	jb := JournalMsgs * uffd.MsgSize
+	journal = unsafe.Slice((*uffd.Msg)(unsafe.Pointer(&mem[0])), JournalMsgs)
+	off := jb
+	for _, r := range regions {
+		pages := int(r.Size / r.PageSize)
+		w := bitmapWords(pages)
+		var words []atomic.Uint64
+		if w > 0 {
+			words = unsafe.Slice((*atomic.Uint64)(unsafe.Pointer(&mem[off])), w)
+		}
+		removed = append(removed, &bitmap{w: words, n: pages})
+		off += w * 8
+	}
+	return journal, removed, nil
+}
+
+// Resume prepares an engine for a userfaultfd that a previous engine served, from the durable
+// memory that engine kept (opts.Durable, the same regions in the same order). As with New, the
+// engine owns fd once Resume succeeds, and fd stays the caller's if it fails: a daemon
+// recovering its VMs after a crash, or taking them over from its predecessor. Like New it does
+// no UFFDIO_API or UFFDIO_REGISTER — the fd was initialised and its ranges registered by the
+// VMM, and those survive any handler. Resume applies the events of the journal (the batch the
+// predecessor read last, which it may not have applied), and wakes every region's range:
+// threads that sleep on faults the predecessor read but did not serve fault again, and those
+// faults come to this engine. Pages the predecessor installed are unknown to it: their faults
+// cannot come, and a copy onto them answers EEXIST, which counts as served.
+func Resume(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
+	if opts.Durable == nil {
+		return nil, errors.New("engine: Resume needs the predecessor's durable memory (Options.Durable)")
+	}
+	if err := validate(regions); err != nil {
+		return nil, err
+	}
+	// Woken first: nothing is served before Run, so the faults they bring wait for it.
+	for _, r := range regions {
+		if err := fd.Wake(r.Base, r.Size); err != nil && !errors.Is(err, uffd.ErrProcessGone) {
+			return nil, fmt.Errorf("engine: wake %q on resume: %w", r.Name, err)
+		}
+	}
+	e, err := New(fd, regions, opts)
+	if err != nil {
+		return nil, err
+	}
+	for i := range e.journal {
+		m := &e.journal[i]
+		switch m.Event() {
+		case uffd.EventRemove:
+			rg := m.Range()
+			e.remove(rg.Start, rg.End)
+		case uffd.EventUnmap:
+			rg := m.Range()
+			e.remove(rg.Start, rg.End)
+			t := e.tab.Load().without(rg.Start, rg.End)
+			e.tab.Store(&t)
+		}
+	}
+	clear(e.journal)
+	return e, nil
+}
