@@ -38,6 +38,15 @@ type Daemon struct {
 
 	warnedPidfd atomic.Bool
 
+	state       *stateDir   // Config.StateDir, locked; nil without one
+	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
+	handoffLn   *net.UnixListener
+	handoffID   fileID         // the hand-off socket we bound, as d.sock for the serve socket
+	handoffs    sync.WaitGroup // a hand-off in progress: Serve returns after it
+	accepting   sync.WaitGroup // accepted connections not yet among d.vms
+	acceptDone  chan struct{}  // closed when Serve's accept loop has ended
+	early       []*net.UnixConn // accepted as a hand-off began, never served here
+
 	mu       sync.Mutex
 	vms      map[*vm]struct{}
 	finished totals // of VMs that ended, for metrics
@@ -91,13 +100,71 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, snap: snap, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
-		accepted: make(chan struct{}), done: make(chan struct{})}
-	if err := d.listen(); err != nil {
+		accepted: make(chan struct{}), done: make(chan struct{}), acceptDone: make(chan struct{})}
+	if err := d.start(); err != nil {
 		exits.close()
 		src.Close()
 		return nil, err
 	}
 	return d, nil
+}
+
+// start listens, or takes the listener over, and recovers the VMs of the state directory.
+func (d *Daemon) start() error {
+	dir := d.cfg.StateDir
+	if dir == "" {
+		if d.cfg.Takeover {
+			return errors.New("daemon: a takeover needs the state directory of the daemon to take over from (StateDir, --state-dir)")
+		}
+		return d.listen()
+	}
+	var hs *handoffSet
+	var lock *os.File
+	if d.cfg.Takeover {
+		var err error
+		if hs, err = takeover(dir); err != nil {
+			return err
+		}
+		if hs.socket != d.path {
+			d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
+			d.path = hs.socket
+		}
+		d.ln, lock = hs.ln, hs.lock
+		d.sock, _ = statID(d.path)
+	}
+	st, err := openStateDir(dir, lock, time.Now().UnixNano())
+	if err == nil {
+		d.state = st
+		if hs == nil {
+			err = d.listen()
+		}
+	}
+	if err == nil {
+		err = d.listenHandoff()
+	}
+	if err == nil {
+		err = d.recoverVMs(hs)
+	}
+	if err != nil {
+		if hs != nil {
+			hs.release()
+			hs.finish(err)
+		}
+		if d.handoffLn != nil {
+			d.closeHandoff()
+		}
+		if d.ln != nil {
+			d.ln.Close()
+		}
+		st.close()
+		return err
+	}
+	if hs != nil {
+		d.adoptHanded(hs)
+		hs.release()
+		hs.finish(nil)
+	}
+	return nil
 }
 
 // fileID identifies a file: what a path names, whatever the path.
@@ -177,7 +244,7 @@ func (d *Daemon) Serve() error {
 	for {
 		c, aerr := d.ln.AcceptUnix()
 		if aerr != nil {
-			if d.draining.Load() {
+			if d.draining.Load() || d.handingOver.Load() {
 				break
 			}
 			if ne, ok := aerr.(net.Error); ok && ne.Timeout() {
@@ -186,16 +253,29 @@ func (d *Daemon) Serve() error {
 			err = fmt.Errorf("daemon: accept: %w", aerr)
 			break
 		}
+		if d.handingOver.Load() {
+			// Accepted as the hand-off began: it goes to the successor with the VMs (a VMM
+			// connecting during a hand-off is never refused).
+			d.mu.Lock()
+			d.early = append(d.early, c)
+			d.mu.Unlock()
+			break
+		}
 		d.wg.Add(1)
+		d.accepting.Add(1)
 		go func() {
 			defer d.wg.Done()
 			d.handle(c)
 		}()
 	}
+	close(d.acceptDone)
+	d.handoffs.Wait()
 	d.stopListening()
 	d.wg.Wait()
+	d.closeHandoff()
 	d.exits.close()
 	d.src.Close()
+	d.state.close()
 	close(d.done)
 	return err
 }
@@ -215,7 +295,7 @@ func (d *Daemon) stopListening() {
 	// Remove our socket, not a successor's: only if the path still names the file we bound. (A
 	// successor renaming its socket over the path between the check and the unlink would still
 	// lose it; the window is two system calls wide, where it used to be the whole drain.)
-	if id, err := statID(d.path); err == nil && id == d.sock {
+	if id, err := statID(d.path); err == nil && id == d.sock && !d.handingOver.Load() {
 		os.Remove(d.path)
 	}
 }
@@ -251,6 +331,8 @@ func (d *Daemon) allowed(uid uint32) bool {
 }
 
 func (d *Daemon) handle(c *net.UnixConn) {
+	registered := sync.OnceFunc(d.accepting.Done)
+	defer registered()
 	cred, err := firecracker.PeerCred(c)
 	if err != nil {
 		d.log.Error("peer credentials", "err", err)
@@ -277,6 +359,12 @@ func (d *Daemon) handle(c *net.UnixConn) {
 	v := newVM(d, d.nextID, c, cred, pidfd, how)
 	d.vms[v] = struct{}{}
 	d.mu.Unlock()
+	registered()
+	d.runVM(v)
+}
+
+// runVM serves v, one of d.vms, until it ends, then reports it.
+func (d *Daemon) runVM(v *vm) {
 	v.run()
 	d.mu.Lock()
 	delete(d.vms, v)

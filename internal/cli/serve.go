@@ -41,7 +41,12 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		"connects from the memory snapshot file or packed snapshot directory (faultline pack), until\n"+
 		"SIGINT/SIGTERM: the first signal stops accepting and serves live VMs until they exit; a\n"+
 		"second one exits at once. With --record it stores the working set of the VMs it serves in\n"+
-		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.", stderr)
+		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.\n\n"+
+		"With --state-dir DIR (on tmpfs, e.g. /run/faultline) it keeps each VM's state there: after a\n"+
+		"crash, a daemon started on DIR serves again every VM still running (root: it takes each\n"+
+		"VM's userfaultfd back with pidfd_getfd). An upgrade starts the new binary with --takeover\n"+
+		"--state-dir DIR: it takes the socket and every VM over from the running daemon, which\n"+
+		"exits. Without --state-dir, the VMs of a daemon that dies hang until killed.", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
@@ -61,12 +66,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	maxRegions := fs.Int("max-regions", 4096, "most regions one handshake may carry")
 	timeout := fs.Duration("handshake-timeout", 5*time.Second, "how long a started handshake may take")
 	maxHandshakes := fs.Int("max-handshakes", 8, "most handshakes one connection may send (Firecracker sends one)")
+	stateDir := fs.String("state-dir", "", "keep each VM's state here (tmpfs, e.g. /run/faultline): a daemon restarted on it after a crash serves the VMs again")
+	takeover := fs.Bool("takeover", false, "take the socket and every VM over from the daemon running on --state-dir, which then exits (a live upgrade)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
 	if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "faultline serve: --socket and one of --mem-file or --snapshot are required, and nothing else")
 		fs.Usage()
+		return 2
+	}
+	if *takeover && *stateDir == "" {
+		fmt.Fprintln(stderr, "faultline serve: --takeover needs --state-dir (the running daemon's)")
 		return 2
 	}
 	if *record && *snapDir == "" {
@@ -80,7 +91,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, Snapshot: *snapDir, CacheSize: int64(cache),
 		Record: *record, RecordWindow: *recordWindow, NoPrefetch: *noPrefetch,
-		OnFailure: daemon.Policy(*onFailure), MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes}
+		OnFailure: daemon.Policy(*onFailure), MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes,
+		StateDir: *stateDir, Takeover: *takeover}
 	if cfg.Engine.FaultAround, err = parseAround(*around, *maxAround); err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 2
