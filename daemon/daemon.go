@@ -41,10 +41,10 @@ type Daemon struct {
 	state       *stateDir   // Config.StateDir, locked; nil without one
 	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
 	handoffLn   *net.UnixListener
-	handoffID   fileID         // the hand-off socket we bound, as d.sock for the serve socket
-	handoffs    sync.WaitGroup // a hand-off in progress: Serve returns after it
-	accepting   sync.WaitGroup // accepted connections not yet among d.vms
-	acceptDone  chan struct{}  // closed when Serve's accept loop has ended
+	handoffID   fileID          // the hand-off socket we bound, as d.sock for the serve socket
+	handoffs    sync.WaitGroup  // a hand-off in progress: Serve returns after it
+	accepting   sync.WaitGroup  // accepted connections not yet among d.vms
+	acceptDone  chan struct{}   // closed when Serve's accept loop has ended
 	early       []*net.UnixConn // accepted as a hand-off began, never served here
 
 	mu       sync.Mutex

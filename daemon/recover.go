@@ -16,7 +16,7 @@ import (
 
 // How a daemon came to serve a VM it did not see connect (Report.Origin).
 const (
-	originRecovered = "recovered" // from the state directory, after its predecessor died
+	originRecovered = "recovered"  // from the state directory, after its predecessor died
 	originTakenOver = "taken over" // handed over by its predecessor (--takeover)
 )
 
