@@ -24,7 +24,7 @@ const (
 )
 
 // crashVM starts a VMM with the storm's region and the probe's, connected to socket.
-func crashVM(t *testing.T, socket string) *vmm.VMM {
+func crashVM(t testing.TB, socket string) *vmm.VMM {
 	t.Helper()
 	v, err := vmm.Start(vmm.Options{Socket: socket,
 		Regions: []vmm.Region{{Size: stormSize, FileOffset: 0}, {Size: probeSize, FileOffset: stormSize}}})
@@ -37,7 +37,7 @@ func crashVM(t *testing.T, socket string) *vmm.VMM {
 
 // probe starts a read of page i of the probe region (never touched before): it waits until a
 // daemon serves it.
-func probe(t *testing.T, v *vmm.VMM, i int) *puppet.Call {
+func probe(t testing.TB, v *vmm.VMM, i int) *puppet.Call {
 	t.Helper()
 	c, err := v.Go(puppet.Request{Op: "touch", Area: v.Regions[1].Area, Off: i * 4096, Len: 4096, Threads: 1,
 		Verify: "pattern", Seed: seed, PatternBase: stormSize})
@@ -47,7 +47,7 @@ func probe(t *testing.T, v *vmm.VMM, i int) *puppet.Call {
 	return c
 }
 
-func waitProbe(t *testing.T, c *puppet.Call) {
+func waitProbe(t testing.TB, c *puppet.Call) {
 	t.Helper()
 	rep, _, err := c.Wait(20 * time.Second)
 	if err != nil {
@@ -58,7 +58,7 @@ func waitProbe(t *testing.T, c *puppet.Call) {
 	}
 }
 
-func crashSpec(t *testing.T) daemonSpec {
+func crashSpec(t testing.TB) daemonSpec {
 	return daemonSpec{Socket: filepath.Join(t.TempDir(), "uffd.sock"), MemFile: snapshot(t, stormSize+probeSize),
 		StateDir: filepath.Join(t.TempDir(), "state")}
 }

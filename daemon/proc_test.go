@@ -71,7 +71,7 @@ func testDaemonMain() {
 
 // daemonProc is a test daemon process.
 type daemonProc struct {
-	t       *testing.T
+	t       testing.TB
 	cmd     *exec.Cmd
 	lines   chan string
 	stderr  *syncBuffer
@@ -84,7 +84,7 @@ type daemonProc struct {
 
 // startDaemon starts a daemon process and waits until New returned: it returns the error New
 // returned, if it did.
-func startDaemon(t *testing.T, s daemonSpec) (*daemonProc, error) {
+func startDaemon(t testing.TB, s daemonSpec) (*daemonProc, error) {
 	t.Helper()
 	js, _ := json.Marshal(s)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -179,7 +179,7 @@ type stormResult struct {
 	Faults                                   int64
 }
 
-func startStorm(t *testing.T, v *vmm.VMM, region int, ms int) *storm {
+func startStorm(t testing.TB, v *vmm.VMM, region int, ms int) *storm {
 	t.Helper()
 	const touchers, chasers, maxRun, chunk = 2, 1, 16, 64
 	c, err := v.Go(puppet.Request{Op: "eng-balloon", Area: v.Regions[region].Area, Seed: seed,
@@ -191,7 +191,7 @@ func startStorm(t *testing.T, v *vmm.VMM, region int, ms int) *storm {
 }
 
 // wait returns the storm's outcome; it fails the test on a wrong byte or a hung thread.
-func (s *storm) wait(t *testing.T, timeout time.Duration) stormResult {
+func (s *storm) wait(t testing.TB, timeout time.Duration) stormResult {
 	t.Helper()
 	rep, _, err := s.call.Wait(timeout)
 	if err != nil {
