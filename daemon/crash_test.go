@@ -3,11 +3,17 @@
 package daemon_test
 
 import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
+	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
@@ -126,5 +132,52 @@ func TestCrashRecoveryTenCycles(t *testing.T) {
 		r.Reads, r.Faults, r.P99, r.Slowest, r.Releases, r.FinalZero, r.FinalPattern)
 	if got, err := v.TouchRange(1, 0, probeSize, 2, seed, false); err != nil || got.Wrong != 0 {
 		t.Fatalf("probe region: %+v %v", got, err)
+	}
+}
+
+// The emulator keeps its own copy of the uffd after the handshake, as Firecracker v1.14.2 does
+// (it is what recovery takes back), and the state file names its number in the VMM.
+func TestVMMKeepsItsUffd(t *testing.T) {
+	spec := crashSpec(t)
+	f := start(t, spec.MemFile, func(c *daemon.Config) { c.StateDir = spec.StateDir })
+	v := crashVM(t, f.d.Addr())
+	var uffds []int
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", v.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", v.Pid(), e.Name())); l == "anon_inode:[userfaultfd]" {
+			n, _ := strconv.Atoi(e.Name())
+			uffds = append(uffds, n)
+		}
+	}
+	if len(uffds) != 1 {
+		t.Fatalf("the VMM holds %d userfaultfds, want its own copy: %v", len(uffds), uffds)
+	}
+	files, _ := filepath.Glob(filepath.Join(spec.StateDir, "vm-*.state"))
+	if len(files) != 1 {
+		t.Fatalf("state files: %v", files)
+	}
+	b, err := os.ReadFile(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var meta struct {
+		Pid  int `json:"pid"`
+		UFFD int `json:"uffd"`
+	}
+	if err := json.Unmarshal(b[32:32+binary.LittleEndian.Uint32(b[12:])], &meta); err != nil {
+		t.Fatal(err)
+	}
+	if meta.Pid != v.Pid() || meta.UFFD != uffds[0] {
+		t.Fatalf("state file names pid %d uffd %d, want %d and %d", meta.Pid, meta.UFFD, v.Pid(), uffds[0])
+	}
+	if err := v.Exit(); err != nil {
+		t.Fatal(err)
+	}
+	f.report()
+	if files, _ := filepath.Glob(filepath.Join(spec.StateDir, "vm-*.state")); len(files) != 0 {
+		t.Fatalf("state files left after the VM ended: %v", files)
 	}
 }
