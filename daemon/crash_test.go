@@ -64,6 +64,17 @@ func waitProbe(t testing.TB, c *puppet.Call) {
 	}
 }
 
+// underLoad starts a daemon process on spec, a VMM, and a storm of ms milliseconds in it.
+func underLoad(t testing.TB, spec daemonSpec, ms int) (*daemonProc, *vmm.VMM, *storm) {
+	t.Helper()
+	d, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := crashVM(t, spec.Socket)
+	return d, v, startStorm(t, v, 0, ms)
+}
+
 func crashSpec(t testing.TB) daemonSpec {
 	return daemonSpec{Socket: filepath.Join(t.TempDir(), "uffd.sock"), MemFile: snapshot(t, stormSize+probeSize),
 		StateDir: filepath.Join(t.TempDir(), "state")}
@@ -73,12 +84,7 @@ func crashSpec(t testing.TB) daemonSpec {
 // waited for the new daemon is served, and the VM's report says it was recovered.
 func TestCrashRecoveryUnderLoad(t *testing.T) {
 	spec := crashSpec(t)
-	a, err := startDaemon(t, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := crashVM(t, spec.Socket)
-	s := startStorm(t, v, 0, 1500)
+	a, v, s := underLoad(t, spec, 1500)
 	time.Sleep(300 * time.Millisecond) // into the storm
 	a.kill()
 	pc := probe(t, v, 0) // faults with no daemon: sleeps until one serves it
@@ -92,34 +98,20 @@ func TestCrashRecoveryUnderLoad(t *testing.T) {
 	t.Logf("restart: ready in %v, a fault that waited for it served %v after its start (target ≤ 1 s)", b.Ready.Sub(b.Started), ttf)
 	t.Logf("storm: %d reads, %d faults (p99 ≤ %v, slowest %v: the crash), %d releases; after: %d pages zero, %d the snapshot",
 		r.Reads, r.Faults, r.P99, r.Slowest, r.Releases, r.FinalZero, r.FinalPattern)
-	if err := v.Exit(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case rep := <-b.reports:
-		if rep.Origin != "recovered" || rep.Failure != "" {
-			t.Fatalf("report of the recovered VM: %+v", rep)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("no report from the new daemon")
-	}
+	exitReport(t, v, b, "recovered")
 }
 
 // Ten kill -9 and restart cycles in a row, under one storm.
 func TestCrashRecoveryTenCycles(t *testing.T) {
 	spec := crashSpec(t)
-	d, err := startDaemon(t, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := crashVM(t, spec.Socket)
-	s := startStorm(t, v, 0, 4000)
+	d, v, s := underLoad(t, spec, 4000)
 	rng := rand.New(rand.NewPCG(7, 7))
 	var worst time.Duration
 	for i := range 10 {
 		time.Sleep(time.Duration(80+rng.IntN(200)) * time.Millisecond)
 		d.kill()
 		pc := probe(t, v, i)
+		var err error
 		if d, err = startDaemon(t, spec); err != nil {
 			t.Fatalf("restart %d: %v", i+1, err)
 		}

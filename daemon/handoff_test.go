@@ -24,12 +24,7 @@ import (
 // slowest read across the hand-off is reported.
 func TestTakeoverUnderLoad(t *testing.T) {
 	spec := crashSpec(t)
-	a, err := startDaemon(t, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := crashVM(t, spec.Socket)
-	s := startStorm(t, v, 0, 1500)
+	a, v, s := underLoad(t, spec, 1500)
 	time.Sleep(400 * time.Millisecond) // into the storm
 	spec.Takeover = true
 	b, err := startDaemon(t, spec)
@@ -58,17 +53,7 @@ func TestTakeoverUnderLoad(t *testing.T) {
 	default:
 		t.Error("the old daemon reported no VM")
 	}
-	if err := v.Exit(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case rep := <-b.reports:
-		if rep.Origin != "taken over" || rep.Failure != "" {
-			t.Fatalf("the new daemon's report: %+v", rep)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("no report from the new daemon")
-	}
+	exitReport(t, v, b, "taken over")
 }
 
 // VMMs that connect while a hand-off runs are served: the listening socket is handed over,

@@ -207,3 +207,22 @@ func (s *storm) wait(t testing.TB, timeout time.Duration) stormResult {
 	}
 	return r
 }
+
+// exitReport makes the VMM exit and returns the daemon's report of it, which must say origin
+// and no failure.
+func exitReport(t testing.TB, v *vmm.VMM, p *daemonProc, origin string) daemon.Report {
+	t.Helper()
+	if err := v.Exit(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case rep := <-p.reports:
+		if rep.Origin != origin || rep.Failure != "" {
+			t.Fatalf("the report of the VM: %+v, want origin %q and no failure", rep, origin)
+		}
+		return rep
+	case <-time.After(20 * time.Second):
+		t.Fatal("no report from the daemon")
+	}
+	return daemon.Report{}
+}

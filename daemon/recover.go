@@ -212,12 +212,7 @@ func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
 			fd.Close()
 			return err
 		}
-		v.mu.Lock()
-		v.engines = append(v.engines, e)
-		v.uffds = append(v.uffds, fd.Fd())
-		v.handshakes++
-		v.regions += len(m.Regions)
-		v.mu.Unlock()
+		v.addEngine(e, fd, len(m.Regions))
 		v.runEngine(e)
 	}
 	return nil

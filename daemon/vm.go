@@ -229,17 +229,24 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 		fd.Close()
 		return err
 	}
+	v.addEngine(e, fd, len(h.Regions))
 	v.mu.Lock()
-	v.engines = append(v.engines, e)
-	v.uffds = append(v.uffds, fd.Fd())
-	v.handshakes++
 	v.version = h.Version
-	v.regions += len(h.Regions)
 	v.mu.Unlock()
 	v.log.Info("serving", "version", h.Version.String(), "regions", len(h.Regions), "uffd", h.UFFD)
 	v.startWorkingSet(e)
 	v.runEngine(e)
 	return nil
+}
+
+// addEngine counts in an engine of the VM serving its uffd fd (our number) and regions.
+func (v *vm) addEngine(e *engine.Engine, fd *uffd.FD, regions int) {
+	v.mu.Lock()
+	v.engines = append(v.engines, e)
+	v.uffds = append(v.uffds, fd.Fd())
+	v.handshakes++
+	v.regions += regions
+	v.mu.Unlock()
 }
 
 // runEngine runs one of the VM's engines until it ends.

@@ -72,16 +72,8 @@ func Resume(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	for i := range e.journal {
-		m := &e.journal[i]
-		switch m.Event() {
-		case uffd.EventRemove:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-		case uffd.EventUnmap:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-			t := e.tab.Load().without(rg.Start, rg.End)
-			e.tab.Store(&t)
+		if ev := e.journal[i].Event(); ev == uffd.EventRemove || ev == uffd.EventUnmap {
+			e.applyRemoval(&e.journal[i])
 		}
 	}
 	clear(e.journal)

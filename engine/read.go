@@ -236,14 +236,8 @@ func (r *reader) applyEvents() error {
 		m := &r.msgs[i]
 		switch m.Event() {
 		case uffd.EventPagefault:
-		case uffd.EventRemove:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-		case uffd.EventUnmap:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-			t := e.tab.Load().without(rg.Start, rg.End)
-			e.tab.Store(&t)
+		case uffd.EventRemove, uffd.EventUnmap:
+			e.applyRemoval(m)
 		case uffd.EventRemap:
 			rm := m.Remap()
 			t := e.tab.Load().moved(rm.From, rm.To, rm.Len)
@@ -301,6 +295,17 @@ func (r *reader) serveBatch() error {
 		}
 	}
 	return nil
+}
+
+// applyRemoval applies a REMOVE or UNMAP message: its pages read zeros from now on, and an
+// UNMAP's are no longer ours.
+func (e *Engine) applyRemoval(m *uffd.Msg) {
+	rg := m.Range()
+	e.remove(rg.Start, rg.End)
+	if m.Event() == uffd.EventUnmap {
+		t := e.tab.Load().without(rg.Start, rg.End)
+		e.tab.Store(&t)
+	}
 }
 
 // remove marks [start, end) removed: its pages read as zeros from now on.
