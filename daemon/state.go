@@ -180,8 +180,10 @@ func mapState(f *os.File, path string, meta stateMeta, off, dlen int) (*stateFil
 	if err != nil {
 		return nil, fmt.Errorf("daemon: map state file %s: %w", path, err)
 	}
-	// Resident and locked where the system lets us: the engine's reader writes the journal
-	// inside read(2), and a page fault there must not be able to fail.
+	// Resident, and locked where the system lets us: the engine's reader has the kernel write
+	// the journal inside read(2), after the messages left the queue, and a page fault there
+	// (with a fatal signal pending, say) must not be able to lose them.
+	unix.Madvise(m[off:], unix.MADV_POPULATE_WRITE)
 	unix.Mlock(m[off:])
 	return &stateFile{path: path, meta: meta, map_: m, durable: m[off : off+dlen]}, nil
 }

@@ -128,27 +128,43 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(h)
 	cfg.Logger = log
+	// The metrics port is bound before the daemon starts: a daemon that recovered or took VMs
+	// over must not have to let them go because of it. A successor waits for its predecessor,
+	// which holds the port until it exits, and serves without metrics if it never frees it.
+	var metricsLn net.Listener
+	if *metrics != "" && !*takeover {
+		if metricsLn, err = net.Listen("tcp", *metrics); err != nil {
+			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
+			return 1
+		}
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 1
 	}
 	if *metrics != "" {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(d.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		ln, err := net.Listen("tcp", *metrics)
-		if err != nil {
-			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
-			d.Close()
-			<-d.Done()
-			return 1
-		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go srv.Serve(ln)
+		go func() {
+			ln := metricsLn
+			for deadline := time.Now().Add(10 * time.Second); ln == nil; time.Sleep(50 * time.Millisecond) {
+				var err error
+				if ln, err = net.Listen("tcp", *metrics); err != nil && time.Now().After(deadline) {
+					log.Error("metrics: the predecessor did not free the port; serving without metrics", "addr", *metrics, "err", err)
+					return
+				}
+			}
+			log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+			srv.Serve(ln)
+		}()
 		defer srv.Shutdown(context.Background())
-		log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
 	}
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
