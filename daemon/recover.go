@@ -184,6 +184,13 @@ func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
 		n := -1
 		if hv != nil && i < len(hv.uffds) {
 			n, hv.uffds[i] = hv.uffds[i], -1
+			// The very uffd the VMM holds, or none of it: a number the predecessor reused
+			// while it handed over must not serve this VM.
+			if m.UFFD >= 0 && !sameFile(m.Pid, n, m.UFFD) {
+				v.log.Warn("hand-off: the uffd received is not the VMM's; taking the VMM's own")
+				unix.Close(n)
+				n = -1
+			}
 		}
 		if n < 0 {
 			if m.UFFD < 0 {

@@ -313,11 +313,16 @@ func vmmUffdNumber(pid, fd int) int {
 		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, n)); err != nil || l != "anon_inode:[userfaultfd]" {
 			continue
 		}
-		const kcmpFile = 0
-		r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(os.Getpid()), uintptr(pid), kcmpFile, uintptr(fd), uintptr(n), 0)
-		if errno == 0 && r == 0 {
+		if sameFile(pid, fd, n) {
 			return n
 		}
 	}
 	return -1
+}
+
+// sameFile reports whether our fd and the VMM pid's fd n are one open file (kcmp(2)).
+func sameFile(pid, fd, n int) bool {
+	const kcmpFile = 0
+	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(os.Getpid()), uintptr(pid), kcmpFile, uintptr(fd), uintptr(n), 0)
+	return errno == 0 && r == 0
 }
