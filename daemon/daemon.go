@@ -370,7 +370,9 @@ func (d *Daemon) runVM(v *vm) {
 	delete(d.vms, v)
 	d.finished.add(v.totals())
 	d.mu.Unlock()
-	v.saveRecording()
+	if !v.handedOver {
+		v.saveRecording() // a partial recording of a VM that lives on elsewhere would be wrong
+	}
 	rep := v.report()
 	d.log.Info("VM ended", rep.logAttrs()...)
 	if d.cfg.OnVMEnd != nil {

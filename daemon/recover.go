@@ -220,6 +220,8 @@ func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
 			return err
 		}
 		v.addEngine(e, fd, len(m.Regions))
+		// A prefetch starts again: the pages the predecessor installed are skipped.
+		v.startWorkingSet(e)
 		v.runEngine(e)
 	}
 	return nil

@@ -7,15 +7,18 @@ import "github.com/faultline-go/faultline/uffd"
 const JournalMsgs = 64
 
 // DurableSize is the bytes of durable memory (Options.Durable) an engine serving regions needs:
-// the read journal, then each region's removed-pages bitmap, in the order given.
+// the read journal, then each region's bitmaps (durableBitmaps of them), in the order given.
 func DurableSize(regions []Region) int {
 	n := JournalMsgs * uffd.MsgSize
 	for _, r := range regions {
 		if r.PageSize != 0 {
-			n += bitmapWords(int(r.Size/r.PageSize)) * 8
+			n += durableBitmaps * bitmapWords(int(r.Size/r.PageSize)) * 8
 		}
 	}
 	return n
 }
+
+// durableBitmaps is the bitmaps of a region kept durable: removed, installed, dirty.
+const durableBitmaps = 3
 
 func bitmapWords(pages int) int { return (pages + 63) / 64 }

@@ -13,35 +13,41 @@ import (
 
 // Durable memory (Options.Durable) is where an engine keeps what a successor serving the same
 // userfaultfd must know so that it never serves a wrong byte after this process dies: which
-// pages were removed (REMOVE, UNMAP), and the last batch of messages read. The reader reads
+// pages were removed (REMOVE, UNMAP), and the last batch of messages read; and, so that it need
+// not find them out again, which pages are installed (a prefetch resumed skips them) and dirty. The reader reads
 // straight into the journal, so a REMOVE is durable the moment read(2) returns — before the
 // madvise it completes can zap a page, and before this engine acts on it; a process killed
 // between the read and applying it leaves the message for Resume to apply. The memory must
 // outlive the process: a MAP_SHARED mapping of a file on tmpfs survives a crash without fsync.
 
-// durableLayout cuts mem (DurableSize(regions) bytes, 8-byte aligned) into the journal and one
-// bitmap per region.
-func durableLayout(mem []byte, regions []Region) (journal []uffd.Msg, removed []*bitmap, err error) {
+// durableBits is one region's bitmaps in durable memory.
+type durableBits struct{ removed, installed, dirty *bitmap }
+
+// durableLayout cuts mem (DurableSize(regions) bytes, 8-byte aligned) into the journal and each
+// region's bitmaps.
+func durableLayout(mem []byte, regions []Region) (journal []uffd.Msg, bits []durableBits, err error) {
 	if len(mem) < DurableSize(regions) {
 		return nil, nil, fmt.Errorf("engine: durable memory of %d bytes, need %d (DurableSize)", len(mem), DurableSize(regions))
 	}
 	if uintptr(unsafe.Pointer(unsafe.SliceData(mem)))%8 != 0 {
 		return nil, nil, errors.New("engine: durable memory not 8-byte aligned")
 	}
-	jb := JournalMsgs * uffd.MsgSize
 	journal = unsafe.Slice((*uffd.Msg)(unsafe.Pointer(&mem[0])), JournalMsgs)
-	off := jb
-	for _, r := range regions {
-		pages := int(r.Size / r.PageSize)
+	off := JournalMsgs * uffd.MsgSize
+	next := func(pages int) *bitmap {
 		w := bitmapWords(pages)
 		var words []atomic.Uint64
 		if w > 0 {
 			words = unsafe.Slice((*atomic.Uint64)(unsafe.Pointer(&mem[off])), w)
 		}
-		removed = append(removed, &bitmap{w: words, n: pages})
 		off += w * 8
+		return &bitmap{w: words, n: pages}
 	}
-	return journal, removed, nil
+	for _, r := range regions {
+		pages := int(r.Size / r.PageSize)
+		bits = append(bits, durableBits{removed: next(pages), installed: next(pages), dirty: next(pages)})
+	}
+	return journal, bits, nil
 }
 
 // Resume prepares an engine for a userfaultfd that a previous engine served, from the durable
@@ -52,8 +58,9 @@ func durableLayout(mem []byte, regions []Region) (journal []uffd.Msg, removed []
 // VMM, and those survive any handler. Resume applies the events of the journal (the batch the
 // predecessor read last, which it may not have applied), and wakes every region's range:
 // threads that sleep on faults the predecessor read but did not serve fault again, and those
-// faults come to this engine. Pages the predecessor installed are unknown to it: their faults
-// cannot come, and a copy onto them answers EEXIST, which counts as served.
+// faults come to this engine. Pages the predecessor installed are known from the durable
+// bitmap; one it installed but had not marked yet (it died in between) cannot fault, and a
+// copy onto it answers EEXIST, which counts as served.
 func Resume(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 	if opts.Durable == nil {
 		return nil, errors.New("engine: Resume needs the predecessor's durable memory (Options.Durable)")

@@ -71,9 +71,13 @@ func TestResumeKeepsRemovedPages(t *testing.T) {
 	if err := stop1(); err != nil {
 		t.Fatalf("first engine: %v", err)
 	}
+	installed := e1.Installed()["mem"]
 	e2, err := engine.Resume(dupFD(t, v), regions, opts)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if got := e2.Installed()["mem"]; got != installed || got == 0 {
+		t.Errorf("the successor knows %d pages installed, its predecessor %d", got, installed)
 	}
 	resumeRun(t, e2)
 	rep := v.touch(0, n, seed, zero, 0)

@@ -86,18 +86,19 @@ func New(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	e := newEngine(fd, opts)
-	var removed []*bitmap
+	var durable []durableBits
 	if opts.Durable != nil {
 		var err error
-		if e.journal, removed, err = durableLayout(opts.Durable, regions); err != nil {
+		if e.journal, durable, err = durableLayout(opts.Durable, regions); err != nil {
 			return nil, err
 		}
 	}
 	var t table
 	for i, r := range regions {
 		st := newPageState(r, e.opts.FaultAround)
-		if removed != nil {
-			st.removed = removed[i] // kept as found: a Resume'd engine's predecessor's
+		if durable != nil {
+			// Kept as found: a Resume'd engine's are its predecessor's.
+			st.removed, st.installed, st.dirty = durable[i].removed, durable[i].installed, durable[i].dirty
 		}
 		e.states = append(e.states, st)
 		t = append(t, span{base: r.Base, first: 0, n: st.pages, st: st})
