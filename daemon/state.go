@@ -38,15 +38,6 @@ const (
 	handoffName  = "handoff.sock"
 )
 
-// ErrStateVersion says a state file was written by a faultline of another state format.
-var ErrStateVersion = errors.New("daemon: state directory from another faultline version")
-
-// ErrStateCorrupt says a state file is not one faultline wrote whole.
-var ErrStateCorrupt = errors.New("daemon: state directory corrupt")
-
-// ErrStateLocked says another daemon holds the state directory.
-var ErrStateLocked = errors.New("daemon: state directory in use by another daemon")
-
 // stateMeta is the metadata of one engine's state file.
 type stateMeta struct {
 	VM        int64         `json:"vm"`        // the VM's id in the daemon that created the file
