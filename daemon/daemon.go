@@ -118,21 +118,32 @@ func (d *Daemon) start() error {
 		}
 		return d.listen()
 	}
+	gen := time.Now().UnixNano()
 	var hs *handoffSet
-	var lock *os.File
+	var st *stateDir
+	var err error
 	if d.cfg.Takeover {
-		var err error
 		if hs, err = takeover(dir); err != nil {
-			return err
+			// No live daemon to take over from (none ran, or it died during the hand-off): with
+			// the directory's lock free, its VMs are recovered as after a crash.
+			var lerr error
+			if st, lerr = openStateDir(dir, nil, gen); lerr != nil {
+				return errors.Join(err, lerr)
+			}
+			d.log.Warn("takeover: no live daemon to take over from; recovering the VMs of the state directory", "err", err)
+			hs, err = nil, nil
+		} else {
+			if hs.socket != d.path {
+				d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
+				d.path = hs.socket
+			}
+			d.ln = hs.ln
+			d.sock, _ = statID(d.path)
+			st, err = openStateDir(dir, hs.lock, gen)
 		}
-		if hs.socket != d.path {
-			d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
-			d.path = hs.socket
-		}
-		d.ln, lock = hs.ln, hs.lock
-		d.sock, _ = statID(d.path)
+	} else {
+		st, err = openStateDir(dir, nil, gen)
 	}
-	st, err := openStateDir(dir, lock, time.Now().UnixNano())
 	if err == nil {
 		d.state = st
 		if hs == nil {

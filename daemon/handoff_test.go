@@ -216,3 +216,29 @@ func TestStateDirCorruptOrWrongVersion(t *testing.T) {
 		})
 	}
 }
+
+// --takeover with no live daemon to take over from (it was killed): the new daemon recovers the
+// VMs of the state directory, as after a crash.
+func TestTakeoverAfterCrashRecovers(t *testing.T) {
+	spec := crashSpec(t)
+	a, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := crashVM(t, spec.Socket)
+	a.kill()
+	pc := probe(t, v, 0)
+	spec.Takeover = true
+	b, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitProbe(t, pc)
+	if !strings.Contains(b.stderr.String(), "no live daemon to take over from") {
+		t.Errorf("the new daemon's log does not say why it recovered:\n%s", b.stderr.String())
+	}
+	if got, err := v.Touch(2, "rand", seed, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("after recovery: %+v %v", got, err)
+	}
+	exitReport(t, v, b, "recovered")
+}

@@ -59,7 +59,7 @@ func testDaemonMain() {
 	}()
 	d, err := daemon.New(cfg)
 	if err != nil {
-		fmt.Println("ERROR", err)
+		fmt.Println("ERROR", strings.ReplaceAll(err.Error(), "\n", "; "))
 		os.Exit(1)
 	}
 	fmt.Println("READY")

@@ -46,7 +46,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		"crash, a daemon started on DIR serves again every VM still running (root: it takes each\n"+
 		"VM's userfaultfd back with pidfd_getfd). An upgrade starts the new binary with --takeover\n"+
 		"--state-dir DIR: it takes the socket and every VM over from the running daemon, which\n"+
-		"exits. Without --state-dir, the VMs of a daemon that dies hang until killed.", stderr)
+		"exits (with no live daemon there, it recovers DIR's VMs as after a crash). Without\n"+
+		"--state-dir, the VMs of a daemon that dies hang until killed.", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
