@@ -123,7 +123,11 @@ func (d *Daemon) start() error {
 	var st *stateDir
 	var err error
 	if d.cfg.Takeover {
-		if hs, err = takeover(dir); err != nil {
+		src, serr := d.sourceIdentity()
+		if serr != nil {
+			return serr
+		}
+		if hs, err = takeover(dir, src); err != nil {
 			// No live daemon to take over from (none ran, or it died during the hand-off): with
 			// the directory's lock free, its VMs are recovered as after a crash.
 			var lerr error

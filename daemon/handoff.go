@@ -33,6 +33,7 @@ type handoffMsg struct {
 	Conn   bool   `json:"conn,omitempty"`   // vm: the connection follows the pidfd
 	UFFDs  int    `json:"uffds,omitempty"`  // vm: that many uffds follow, one per engine in order
 	Err    string `json:"err,omitempty"`    // abort
+	Source string `json:"source,omitempty"` // takeover: the successor's snapshot identity
 }
 
 // handedVM is what the successor received for one VM.
@@ -160,6 +161,13 @@ func (d *Daemon) acceptHandoffs() {
 		closeFDs(fds)
 		if err != nil || m.Op != "takeover" {
 			d.log.Warn("hand-off: not a takeover request", "err", err, "op", m.Op)
+			c.Close()
+			continue
+		}
+		if src, err := d.sourceIdentity(); err != nil || src != m.Source {
+			// Refused before anything stops: its VMs would be killed for it.
+			d.log.Warn("hand-off refused: the successor serves other bytes", "successor", m.Source, "ours", src)
+			sendHandoff(c, handoffMsg{Op: "abort", Err: fmt.Sprintf("the successor serves %s, this daemon %s: take over with the same snapshot", m.Source, src)})
 			c.Close()
 			continue
 		}
@@ -296,13 +304,13 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
 }
 
 // takeover asks the daemon owning the state directory for everything (the successor's side).
-func takeover(dir string) (*handoffSet, error) {
+func takeover(dir, source string) (*handoffSet, error) {
 	path := filepath.Join(dir, handoffName)
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
 	if err != nil {
 		return nil, fmt.Errorf("daemon: takeover: no daemon to take over from at %s: %w", path, err)
 	}
-	if err := sendHandoff(c, handoffMsg{Op: "takeover"}); err != nil {
+	if err := sendHandoff(c, handoffMsg{Op: "takeover", Source: source}); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("daemon: takeover: %w", err)
 	}

@@ -242,3 +242,36 @@ func TestTakeoverAfterCrashRecovers(t *testing.T) {
 	}
 	exitReport(t, v, b, "recovered")
 }
+
+// A successor started with another snapshot is refused, by the live daemon (a takeover) or at
+// its start (a recovery), and the VM lives on: it is not killed for an operator's typo.
+func TestOtherSnapshotRefused(t *testing.T) {
+	spec := crashSpec(t)
+	a, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := crashVM(t, spec.Socket)
+	other := spec
+	other.MemFile = snapshot(t, stormSize+probeSize) // the same bytes, another file
+	other.Takeover = true
+	if _, err := startDaemon(t, other); err == nil || !strings.Contains(err.Error(), "take over with the same snapshot") {
+		t.Fatalf("a takeover with another snapshot: %v", err)
+	}
+	if got, err := v.TouchRange(0, 0, 1<<20, 2, seed, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("the VM after the refused takeover: %+v %v", got, err)
+	}
+	a.kill()
+	pc := probe(t, v, 0)
+	other.Takeover = false
+	if _, err := startDaemon(t, other); err == nil || !strings.Contains(err.Error(), "start it with that snapshot") {
+		t.Fatalf("a recovery with another snapshot: %v", err)
+	}
+	if pc.Done() {
+		t.Fatal("the probe was served by a daemon that refused to start")
+	}
+	if _, err := startDaemon(t, spec); err != nil {
+		t.Fatal(err)
+	}
+	waitProbe(t, pc)
+}

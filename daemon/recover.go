@@ -87,6 +87,19 @@ func (d *Daemon) recoverVMs(handed *handoffSet) error {
 		}
 		files = append(files, sf)
 	}
+	// A VM still running that was served from other bytes: refuse to start rather than kill
+	// it for a daemon started with the wrong snapshot.
+	if want, err := d.sourceIdentity(); err == nil {
+		for _, sf := range files {
+			if st, err := procStartTime(sf.meta.Pid); err == nil && st == sf.meta.StartTime && sf.meta.Source != want {
+				for _, f := range files {
+					f.unmap()
+				}
+				return fmt.Errorf("daemon: %s: its VM (pid %d) is served from %s, this daemon serves %s: start it with that snapshot (or remove the state directory: its VMs then hang until killed)",
+					sf.path, sf.meta.Pid, sf.meta.Source, want)
+			}
+		}
+	}
 	type key struct {
 		pid   int
 		start uint64
