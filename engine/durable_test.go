@@ -153,3 +153,38 @@ func TestResumeWakesFaultsReadBefore(t *testing.T) {
 		t.Fatalf("the successor saw no fault: the thread was not woken to fault again")
 	}
 }
+
+// A successor that does not know which pages are in (its predecessor died between installing
+// them and marking them, or kept no durable memory): its fault-around windows run into mapped
+// pages and its copies onto them answer EEXIST or stop part-way — all counted as served, every
+// byte right.
+func TestResumeUnknownInstalledPages(t *testing.T) {
+	const seed = 34
+	v := newVM(t, memory.Anon, 2<<20, uffd.FeatureEventRemove, uffd.ModeMissing)
+	n := v.size / v.pageSize
+	regions := []engine.Region{v.region(patternSource(t, v.size, seed))}
+	e1, err := engine.New(dupFD(t, v), regions, engine.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop1 := resumeRun(t, e1)
+	for p := 0; p < n; p += 3 {
+		v.touch(p, p+1, seed, nil, 0) // one page in three, one page per fault
+	}
+	if err := stop1(); err != nil {
+		t.Fatal(err)
+	}
+	e2, err := engine.Resume(dupFD(t, v), regions, engine.Options{Durable: durableMem(regions),
+		FaultAround: engine.FaultAround{Min: 16, Max: 16}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop2 := resumeRun(t, e2)
+	v.touch(0, n, seed, nil, 0)
+	if err := stop2(); err != nil {
+		t.Fatalf("successor: %v", err)
+	}
+	if st := e2.Stats()[0]; st.Errors != 0 || st.Faults == 0 {
+		t.Fatalf("successor: %s", statsLine(st))
+	}
+}
