@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/engine"
+	"github.com/faultline-go/faultline/source"
 )
 
 // Policy says what to do with a VM the daemon cannot serve.
@@ -24,6 +25,10 @@ type Config struct {
 	// directory (package snapshot) instead. Exactly one is set.
 	MemFile  string
 	Snapshot string
+	// Source, instead of MemFile or Snapshot, is a source opened by the caller (package fleet
+	// shares one among the daemons of its VMs). The daemon does not close it: its owner does,
+	// after Serve returned. A *snapshot.Snapshot is served as a packed snapshot (working set).
+	Source source.Source
 	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
 	// snapshot.DefaultCacheSize).
 	CacheSize int64
@@ -105,5 +110,6 @@ const CauseHandedOver = "handed over to the next daemon"
 type Summary struct {
 	Live, VMs                                int
 	Faults, Pages, ZeroPages, Removed, Bytes uint64
+	Prefetched                               uint64        // pages the working-set prefetch installed
 	P50, P99                                 time.Duration // estimates, as in Report
 }

@@ -8,14 +8,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/faultline-go/faultline/firecracker"
 	"github.com/faultline-go/faultline/snapshot"
@@ -29,11 +25,8 @@ type Daemon struct {
 	src   source.Source
 	snap  *snapshot.Snapshot // the packed snapshot served, if it is one
 	recMu sync.Mutex         // one working-set write at a time
-	ln    *net.UnixListener
+	ln    *Listener          // its path is removed on stop only while it names the socket bound
 	path  string
-	// sock is the (device, inode) of the socket file we bound: on stop the path is removed
-	// only while it still names that file, not a successor's socket renamed over it.
-	sock  fileID
 	exits *exitWatcher
 
 	warnedPidfd atomic.Bool
@@ -41,7 +34,7 @@ type Daemon struct {
 	state       *stateDir   // Config.StateDir, locked; nil without one
 	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
 	handoffLn   *net.UnixListener
-	handoffID   fileID          // the hand-off socket we bound, as d.sock for the serve socket
+	handoffID   fileID          // the hand-off socket we bound: removed on stop only while the path names it
 	handoffs    sync.WaitGroup  // a hand-off in progress: Serve returns after it
 	accepting   sync.WaitGroup  // accepted connections not yet among d.vms
 	acceptDone  chan struct{}   // closed when Serve's accept loop has ended
@@ -61,10 +54,11 @@ type Daemon struct {
 
 // New opens the memory file and listens on the socket.
 func New(cfg Config) (*Daemon, error) {
-	if cfg.Socket == "" || (cfg.MemFile == "") == (cfg.Snapshot == "") {
-		return nil, errors.New("daemon: a socket path and either a memory file or a snapshot directory are required")
+	given := cfg.Source != nil
+	if cfg.Socket == "" || (given && (cfg.MemFile != "" || cfg.Snapshot != "")) || (!given && (cfg.MemFile == "") == (cfg.Snapshot == "")) {
+		return nil, errors.New("daemon: a socket path and one of a memory file, a snapshot directory or an opened source are required")
 	}
-	if cfg.Record && cfg.Snapshot == "" {
+	if _, packed := cfg.Source.(*snapshot.Snapshot); cfg.Record && cfg.Snapshot == "" && !packed {
 		return nil, errors.New("daemon: recording a working set needs a packed snapshot (Snapshot), not a raw memory file")
 	}
 	if cfg.OnFailure == "" {
@@ -85,7 +79,15 @@ func New(cfg Config) (*Daemon, error) {
 	var src source.Source
 	var snap *snapshot.Snapshot
 	var err error
-	if cfg.Snapshot != "" {
+	closeSrc := func() {
+		if !given {
+			src.Close()
+		}
+	}
+	if given {
+		src = cfg.Source
+		snap, _ = src.(*snapshot.Snapshot)
+	} else if cfg.Snapshot != "" {
 		snap, err = snapshot.OpenWith(cfg.Snapshot, snapshot.Options{CacheSize: cfg.CacheSize})
 		if err != nil {
 			return nil, fmt.Errorf("daemon: snapshot: %w", err)
@@ -96,14 +98,14 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	exits, err := newExitWatcher()
 	if err != nil {
-		src.Close()
+		closeSrc()
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, snap: snap, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
 		accepted: make(chan struct{}), done: make(chan struct{}), acceptDone: make(chan struct{})}
 	if err := d.start(); err != nil {
 		exits.close()
-		src.Close()
+		closeSrc()
 		return nil, err
 	}
 	return d, nil
@@ -117,6 +119,9 @@ func (d *Daemon) start() error {
 			return errors.New("daemon: a takeover needs the state directory of the daemon to take over from (StateDir, --state-dir)")
 		}
 		return d.listen()
+	}
+	if _, err := d.sourceIdentity(); err != nil {
+		return err
 	}
 	gen := time.Now().UnixNano()
 	var hs *handoffSet
@@ -141,8 +146,8 @@ func (d *Daemon) start() error {
 				d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
 				d.path = hs.socket
 			}
-			d.ln = hs.ln
-			d.sock, _ = statID(d.path)
+			id, _ := statID(d.path)
+			d.ln = &Listener{UnixListener: hs.ln, path: d.path, id: id}
 			st, err = openStateDir(dir, hs.lock, gen)
 		}
 	} else {
@@ -182,69 +187,13 @@ func (d *Daemon) start() error {
 	return nil
 }
 
-// fileID identifies a file: what a path names, whatever the path.
-type fileID struct{ dev, ino uint64 }
-
-func statID(path string) (fileID, error) {
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return fileID{}, err
-	}
-	return fileID{uint64(st.Dev), uint64(st.Ino)}, nil
-}
-
-// listen binds the socket under a temporary name, sets its mode and owner, then renames it into
-// place, so no client can connect before the permissions hold. The rename replaces a stale
-// socket file atomically, so the path never goes missing.
+// listen listens on the configured socket (see Listen).
 func (d *Daemon) listen() error {
-	if fi, err := os.Lstat(d.path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return fmt.Errorf("daemon: %s exists and is not a socket", d.path)
-		}
-		// Stale only if nobody listens: connect(2) is refused. EAGAIN means a listener with a
-		// full backlog — a busy daemon, not a stale file.
-		c, err := net.Dial("unix", d.path)
-		switch {
-		case err == nil:
-			c.Close()
-			return fmt.Errorf("daemon: %s: another daemon is listening", d.path)
-		case errors.Is(err, unix.ECONNREFUSED), errors.Is(err, unix.ENOENT):
-		default:
-			return fmt.Errorf("daemon: %s: cannot tell whether it is stale: %w", d.path, err)
-		}
-	}
-	tmp := filepath.Join(filepath.Dir(d.path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(d.path), os.Getpid()))
-	os.Remove(tmp)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	ln, err := Listen(d.path, d.cfg.SocketGroup)
 	if err != nil {
-		return fmt.Errorf("daemon: listen: %w", err)
+		return err
 	}
-	ln.SetUnlinkOnClose(false)
-	mode := os.FileMode(0o600)
-	if d.cfg.SocketGroup > 0 {
-		mode = 0o660
-		if err := os.Chown(tmp, -1, d.cfg.SocketGroup); err != nil {
-			ln.Close()
-			os.Remove(tmp)
-			return fmt.Errorf("daemon: chown socket: %w", err)
-		}
-	}
-	if err := os.Chmod(tmp, mode); err != nil {
-		ln.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("daemon: chmod socket: %w", err)
-	}
-	// The temporary name is ours alone (it carries our pid); rename keeps the inode.
-	id, err := statID(tmp)
-	if err == nil {
-		err = os.Rename(tmp, d.path)
-	}
-	if err != nil {
-		ln.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("daemon: %w", err)
-	}
-	d.ln, d.sock = ln, id
+	d.ln = ln
 	return nil
 }
 
@@ -289,7 +238,9 @@ func (d *Daemon) Serve() error {
 	d.wg.Wait()
 	d.closeHandoff()
 	d.exits.close()
-	d.src.Close()
+	if d.cfg.Source == nil {
+		d.src.Close()
+	}
 	d.state.close()
 	close(d.done)
 	return err
@@ -307,11 +258,9 @@ func (d *Daemon) Drain() {
 func (d *Daemon) stopListening() {
 	d.draining.Store(true)
 	d.ln.Close()
-	// Remove our socket, not a successor's: only if the path still names the file we bound. (A
-	// successor renaming its socket over the path between the check and the unlink would still
-	// lose it; the window is two system calls wide, where it used to be the whole drain.)
-	if id, err := statID(d.path); err == nil && id == d.sock && !d.handingOver.Load() {
-		os.Remove(d.path)
+	// Our socket, not a successor's (Listener.Remove); after a hand-off it is the successor's.
+	if !d.handingOver.Load() {
+		d.ln.Remove()
 	}
 }
 

@@ -110,7 +110,7 @@ func TestRecordThenPrefetchVM(t *testing.T) {
 func TestPackedCorruptChunkKillsVM(t *testing.T) {
 	const size = 8 << 20
 	dir := packed(t, size)
-	chunks, _ := filepath.Glob(filepath.Join(dir, "chunks", "*"))
+	chunks, _ := filepath.Glob(filepath.Join(dir, "chunks", "*.chunk"))
 	if len(chunks) == 0 {
 		t.Fatal("no chunk files")
 	}

@@ -137,7 +137,7 @@ func (v *vm) report() Report {
 func (d *Daemon) Summary() Summary {
 	t, live := d.allTotals()
 	return Summary{Live: live, VMs: int(t.vms), Faults: t.faults, Pages: t.pages(),
-		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes,
+		ZeroPages: t.pagesZero, Removed: t.pagesRemoved, Bytes: t.bytes, Prefetched: t.pagesPrefetched,
 		P50: t.latency.Quantile(0.5), P99: t.latency.Quantile(0.99)}
 }
 

@@ -259,6 +259,9 @@ func (d *Daemon) sourceIdentity() (string, error) {
 		h.Write(m.ZeroMap)
 		return "packed:" + hex.EncodeToString(h.Sum(nil)), nil
 	}
+	if d.cfg.MemFile == "" {
+		return "", errors.New("daemon: a state directory needs a source it can name (a memory file or a packed snapshot), not only an opened Source")
+	}
 	abs, err := filepath.Abs(d.cfg.MemFile)
 	if err != nil {
 		return "", err

@@ -15,6 +15,11 @@ import "sync"
 //
 // Either way a window is capped at MaxBytes (default 2 MiB, at least one page): on hugetlb a
 // window of 64 pages would be 128 MiB in one UFFDIO_COPY, holding up the reading of events.
+//
+// With a source that has a natural unit of reading (source.Extent: a packed snapshot's
+// compressed frame), a window never goes past the end of the faulting page's unit, and an
+// adaptive one is all of the rest of it (up to Max): the unit is read and decompressed whole
+// anyway.
 type FaultAround struct {
 	Min, Max int
 	Adaptive bool

@@ -19,6 +19,7 @@ import (
 type prefetchCounters struct {
 	pages, skipped atomic.Uint64
 	doneNs         atomic.Int64 // duration of the last Prefetch that finished
+	running        atomic.Int32 // Prefetch calls in progress: the reader does not spin meanwhile
 }
 
 // Prefetch installs the runs next yields, in that order, until next returns io.EOF, ctx ends or
@@ -26,12 +27,16 @@ type prefetchCounters struct {
 // not prefetched yet does not wait for the prefetch). Pages already installed, removed (they read
 // zero now) or being fetched are skipped; the rest of a run is installed with one UFFDIO_COPY
 // (UFFDIO_ZEROPAGE for zero runs) per contiguous piece of up to 2 MiB, where the pages are now.
-// It returns nil at io.EOF or when the engine stopped, ctx's error when ctx ended first, and
-// next's or the kernel's error otherwise; the engine keeps serving faults either way.
+// While it runs the reader parks instead of spinning for faults: the CPU a spin would take is
+// the prefetch's (and its decompression's). It returns nil at io.EOF or when the engine
+// stopped, ctx's error when ctx ended first, and next's or the kernel's error otherwise; the
+// engine keeps serving faults either way.
 func (e *Engine) Prefetch(ctx context.Context, next func() (PageRun, error)) (PrefetchStats, error) {
 	start := time.Now()
 	var ps PrefetchStats
+	e.prefetch.running.Add(1)
 	defer func() {
+		e.prefetch.running.Add(-1)
 		ps.Duration = time.Since(start)
 		e.prefetch.doneNs.Store(int64(ps.Duration))
 	}()

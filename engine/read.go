@@ -107,7 +107,8 @@ func (r *reader) tryRead() bool {
 // look is a poll(2), so spinning never holds them up.
 func (r *reader) wait() error {
 	e := r.e
-	if e.opts.SpinReads > 0 {
+	// No spinning while a prefetch runs: it wants every CPU, and the faults it leaves are few.
+	if e.opts.SpinReads > 0 && e.prefetch.running.Load() == 0 {
 		for spin := 0; spin < r.spin; spin++ {
 			if e.stopping.Load() {
 				return nil

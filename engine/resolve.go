@@ -122,12 +122,19 @@ func (in *installer) resolveLocked(f fault) error {
 	if st.rec != nil {
 		st.rec.touch(st, idx)
 	}
-	limit := min(idx+st.fa.pages(idx), sp.first+sp.n)
+	win := st.fa.pages(idx)
 	if st.extent > 0 {
-		// Not past the end of the source's unit (chunk) holding the faulting page.
+		// Not past the end of the source's unit (a compressed frame) holding the faulting
+		// page; and, adaptive, all of the rest of it: the unit is read and decompressed
+		// whole anyway, and its neighbours are likely next (the kernel's fault-around and
+		// readahead bet the same way).
 		img := st.spec.Offset/int64(ps) + int64(idx)
-		limit = min(limit, idx+int(int64(st.extent)-img%int64(st.extent)))
+		rest := int(int64(st.extent) - img%int64(st.extent))
+		if win = min(win, rest); st.fa.cfg.Adaptive {
+			win = min(rest, st.fa.max)
+		}
 	}
+	limit := min(idx+win, sp.first+sp.n)
 	limit = st.installed.nextSet(idx+1, limit)
 	limit = st.fetching.nextSet(idx+1, limit)
 	if st.removed.get(idx) {

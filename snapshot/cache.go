@@ -7,18 +7,18 @@ import (
 	"sync"
 )
 
-// cache holds decompressed chunks, at most limit bytes of them not in use, evicting the least
+// cache holds decompressed frames (by frame index), at most limit bytes of them not in use, evicting the least
 // recently used. A chunk missing from it is loaded by the first reader that wants it; readers
 // that come while it loads wait for that one load (single flight).
 type cache struct {
-	mu        sync.Mutex
-	limit     int64
-	chunkSize int64
-	used      int64 // bytes of loaded entries in the map
-	m         map[int]*centry
-	lru       centry   // sentinel of the list of loaded entries, most recent first
-	free      [][]byte // buffers of evicted entries, for the next load
-	closed    bool
+	mu     sync.Mutex
+	limit  int64
+	unit   int64 // bytes of a frame
+	used   int64 // bytes of loaded entries in the map
+	m      map[int]*centry
+	lru    centry   // sentinel of the list of loaded entries, most recent first
+	free   [][]byte // buffers of evicted entries, for the next load
+	closed bool
 
 	loads, hits, evictions int64
 }
@@ -39,13 +39,13 @@ const maxFree = 4
 
 var errClosed = errors.New("snapshot: closed")
 
-func (c *cache) init(limit, chunkSize int64) {
-	c.limit, c.chunkSize = limit, chunkSize
+func (c *cache) init(limit, unit int64) {
+	c.limit, c.unit = limit, unit
 	c.m = make(map[int]*centry)
 	c.lru.prev, c.lru.next = &c.lru, &c.lru
 }
 
-// get returns chunk idx loaded, held for the caller until release.
+// get returns frame idx loaded, held for the caller until release.
 func (c *cache) get(ctx context.Context, s *Snapshot, idx int) (*centry, error) {
 	c.mu.Lock()
 	if c.closed {
@@ -64,7 +64,7 @@ func (c *cache) get(ctx context.Context, s *Snapshot, idx int) (*centry, error) 
 		case <-e.done:
 		case <-ctx.Done():
 			c.release(e)
-			return nil, fmt.Errorf("%w: waiting for chunk %d: %w", ErrTransient, idx, ctx.Err())
+			return nil, fmt.Errorf("%w: waiting for frame %d: %w", ErrTransient, idx, ctx.Err())
 		}
 		if e.err != nil {
 			c.release(e)
@@ -82,12 +82,12 @@ func (c *cache) get(ctx context.Context, s *Snapshot, idx int) (*centry, error) 
 	c.mu.Unlock()
 
 	if buf == nil {
-		buf = make([]byte, c.chunkSize)
+		buf = make([]byte, c.unit)
 	}
-	buf = buf[:s.m.chunkLen(idx)]
+	buf = buf[:s.m.frameLen(idx)]
 	// The load does not stop for the first reader's ctx: others may be waiting for it, and it
-	// is a bounded local read.
-	err := s.ReadChunk(context.WithoutCancel(ctx), idx, buf)
+	// is one bounded read.
+	err := s.readFrame(context.WithoutCancel(ctx), idx, buf)
 
 	c.mu.Lock()
 	if err != nil {
@@ -147,8 +147,8 @@ func (c *cache) evict() {
 	}
 }
 
-// peek returns chunk idx's bytes if it is loaded now, without loading or waiting, and marks
-// them shared: from then on its buffer is never reused for another chunk, so the slice stays
+// peek returns frame idx's bytes if it is loaded now, without loading or waiting, and marks
+// them shared: from then on its buffer is never reused for another frame, so the slice stays
 // valid for as long as its holder keeps it.
 func (c *cache) peek(idx int) ([]byte, bool) {
 	c.mu.Lock()
@@ -172,7 +172,7 @@ func (c *cache) peek(idx int) ([]byte, bool) {
 }
 
 func (c *cache) recycle(b []byte) {
-	if len(c.free) < maxFree && !c.closed && int64(cap(b)) == c.chunkSize {
+	if len(c.free) < maxFree && !c.closed && int64(cap(b)) == c.unit {
 		c.free = append(c.free, b[:cap(b)])
 	}
 }

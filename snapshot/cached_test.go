@@ -23,7 +23,7 @@ func TestCachedNeverReused(t *testing.T) {
 	for c := 0; c < 8; c++ {
 		img[c<<21+100] = 1 // no chunk all zero
 	}
-	dir := pack(t, img, PackOptions{})
+	dir := pack(t, img, PackOptions{FrameSize: 2 << 20}) // the cache's unit: one chunk
 	s, err := OpenWith(dir, Options{CacheSize: 1 << 21})
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +58,7 @@ func TestCachedNeverReused(t *testing.T) {
 	if _, ok := s.Cached(4096, 4096); ok {
 		t.Error("Cached answered for an evicted chunk")
 	}
-	if s.Extent() != s.ChunkSize() {
-		t.Errorf("Extent %d, chunk size %d", s.Extent(), s.ChunkSize())
+	if s.Extent() != s.FrameSize() {
+		t.Errorf("Extent %d, frame size %d", s.Extent(), s.FrameSize())
 	}
 }

@@ -1,6 +1,7 @@
 // Package snapshot reads and writes packed memory snapshots: a directory holding a raw guest
-// memory image cut into fixed-size chunks, each compressed with zstd on its own and named by
-// the SHA-256 of its bytes, a zero map of the pages that are all zero (never stored), and
+// memory image cut into fixed-size chunks named by the SHA-256 of their bytes, each stored as
+// small frames compressed with zstd on their own (with a dictionary sampled from the image), so
+// that a read costs one frame, a zero map of the pages that are all zero (never stored), and
 // optionally a working set (pages in the order a VM first touched them, laid out contiguously
 // in an extent of zstd frames so that prefetching it is one sequential read). FORMAT.md, beside
 // this file, documents the layout for people who read or write it without this package.
@@ -11,9 +12,10 @@
 // the manifest last, so a crash leaves either a whole snapshot or a directory [Open] refuses
 // with [ErrNotSnapshot].
 //
-// Reading: [Open] validates the manifest and finds every chunk file. A [*Snapshot] is a
+// Reading: [Open] validates the manifest and finds every chunk file; [OpenFiles] does the same
+// for files from elsewhere ([Files]: a bucket behind a cache). A [*Snapshot] is a
 // source.Source and a source.Zeros: ReadAt serves bytes from a bounded LRU cache of
-// decompressed chunks, each loaded once however many readers want it, and zero pages without
+// decompressed frames, each loaded once however many readers want it, and zero pages without
 // reading. Every chunk and frame is verified against its hash on every read from disk: a bad
 // one is an error naming it ([ChunkError], matching [ErrCorrupt] or [ErrMissing]), never
 // bytes. [Unpack], [Verify] and [Inspect] back the faultline snapshot commands.

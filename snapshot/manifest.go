@@ -18,7 +18,7 @@ const (
 	// FormatName is the manifest's "format" field.
 	FormatName = "faultline-snapshot"
 	// Version is the format version this package writes and the only one it reads.
-	Version = 1
+	Version = 2
 	// ManifestName is the manifest's file name inside a snapshot directory.
 	ManifestName = "manifest.json"
 	// ChunksDir is the directory, inside a snapshot directory, that holds its chunks unless the
@@ -36,18 +36,11 @@ const (
 type Encoding string
 
 const (
-	EncZero Encoding = "zero" // all zero: no file, nothing stored
-	EncRaw  Encoding = "raw"  // the payload as is
-	EncZstd Encoding = "zstd" // one zstd frame holding the payload
+	EncZero   Encoding = "zero"   // all zero: no file, nothing stored
+	EncFrames Encoding = "frames" // a chunk file of frames (FORMAT.md, "Chunk files")
+	EncRaw    Encoding = "raw"    // a working-set frame's payload as is
+	EncZstd   Encoding = "zstd"   // a working-set frame's payload as one zstd frame
 )
-
-// ext is the file name extension of a chunk stored with e.
-func (e Encoding) ext() string {
-	if e == EncZstd {
-		return ".zst"
-	}
-	return ".raw"
-}
 
 // A Manifest describes a snapshot. It is the file DIR/manifest.json; FORMAT.md documents every
 // field.
@@ -57,6 +50,9 @@ type Manifest struct {
 	Size      int64  `json:"size"`       // image bytes
 	PageSize  int64  `json:"page_size"`  // the zero map's unit
 	ChunkSize int64  `json:"chunk_size"` // every chunk but the last holds this many image bytes
+	FrameSize int64  `json:"frame_size"` // every frame but the last holds this many image bytes
+	// Dict is the zstd dictionary the chunks' frames are compressed with, if any.
+	Dict *DictRef `json:"dict,omitempty"`
 	// Store is the absolute path of the shared chunk store holding the chunks, or "" when they
 	// are in DIR/chunks.
 	Store  string       `json:"store,omitempty"`
@@ -79,7 +75,17 @@ type ChunkEntry struct {
 	// chunk, zero pages included). It names the chunk's file. Empty for an all-zero chunk.
 	Hash   string   `json:"sha256,omitempty"`
 	Stored int64    `json:"stored,omitempty"` // the chunk file's size
-	Enc    Encoding `json:"enc"`
+	Enc    Encoding `json:"enc"`              // EncZero or EncFrames
+	// Frames is the chunk's frame table, as its file's header holds it: per frame the stored
+	// size (uvarint) and, unless 0, the SHA-256 of the frame's payload. In JSON it is base64.
+	Frames []byte `json:"frames,omitempty"`
+}
+
+// A DictRef names a zstd dictionary: raw content (sampled pages), the file <sha256>.dict in
+// the chunk directory.
+type DictRef struct {
+	Hash string `json:"sha256"`
+	Size int64  `json:"size"`
 }
 
 // A BaseRef names the base of a diff snapshot.
@@ -214,6 +220,12 @@ func (m *Manifest) Validate() error {
 	if m.ChunkSize <= 0 || m.ChunkSize > maxChunkSize || m.ChunkSize%m.PageSize != 0 {
 		return corruptf("manifest: chunk size %d is not a multiple of the page size %d up to 1 GiB", m.ChunkSize, m.PageSize)
 	}
+	if m.FrameSize <= 0 || m.FrameSize%m.PageSize != 0 || m.ChunkSize%m.FrameSize != 0 || m.ChunkSize/m.FrameSize > maxFramesPerChunk {
+		return corruptf("manifest: frame size %d is not a multiple of the page size %d dividing the chunk size %d into at most 4096 frames", m.FrameSize, m.PageSize, m.ChunkSize)
+	}
+	if d := m.Dict; d != nil && (!isHash(d.Hash) || d.Size <= 0 || d.Size > 1<<20) {
+		return corruptf("manifest: dictionary %q of %d bytes", d.Hash, d.Size)
+	}
 	if m.Size < 0 || m.Size > maxSize {
 		return corruptf("manifest: image size %d out of range", m.Size)
 	}
@@ -250,21 +262,14 @@ func (m *Manifest) validateChunk(i int, c ChunkEntry) error {
 	payload := m.payloadLen(i)
 	switch c.Enc {
 	case EncZero:
-		if c.Hash != "" || c.Stored != 0 {
-			return errors.New("a zero chunk has a hash or a stored size")
+		if c.Hash != "" || c.Stored != 0 || c.Frames != nil {
+			return errors.New("a zero chunk has a hash, a stored size or frames")
 		}
 		if payload != 0 {
 			return errors.New("a zero chunk has pages the zero map says are not zero")
 		}
 		return nil
-	case EncRaw:
-		if c.Stored != payload {
-			return fmt.Errorf("raw chunk of %d bytes, its non-zero pages hold %d", c.Stored, payload)
-		}
-	case EncZstd:
-		if c.Stored <= 0 || c.Stored > m.ChunkSize+m.ChunkSize/8+1024 {
-			return fmt.Errorf("zstd chunk of %d bytes", c.Stored)
-		}
+	case EncFrames:
 	default:
 		return fmt.Errorf("unknown encoding %q", c.Enc)
 	}
@@ -273,6 +278,20 @@ func (m *Manifest) validateChunk(i int, c ChunkEntry) error {
 	}
 	if !isHash(c.Hash) {
 		return fmt.Errorf("hash %q is not 64 lowercase hex digits", c.Hash)
+	}
+	if int64(len(c.Frames)) > m.maxTable() {
+		return fmt.Errorf("frame table of %d bytes", len(c.Frames))
+	}
+	recs, err := m.parseFrames(i, c.Frames)
+	if err != nil {
+		return err
+	}
+	size := headerLen(c.Frames)
+	for _, r := range recs {
+		size += r.stored
+	}
+	if c.Stored != size {
+		return fmt.Errorf("file of %d bytes, its header and frames hold %d", c.Stored, size)
 	}
 	return nil
 }
@@ -417,6 +436,3 @@ func (m *Manifest) chunkDir(dir string) string {
 	}
 	return filepath.Join(dir, ChunksDir)
 }
-
-// chunkFile is the name of a chunk's file in its chunk directory.
-func chunkFile(hash string, enc Encoding) string { return hash + enc.ext() }

@@ -67,14 +67,18 @@ func Unpack(ctx context.Context, dir, out string) error {
 // returns one error per bad chunk (each a *ChunkError) or frame; err is for a snapshot that
 // cannot be looked at at all (no manifest, a bad manifest).
 func Verify(ctx context.Context, dir string) (bad []error, err error) {
-	s, err := open(dir, Options{CacheSize: 1})
+	s, err := openFiles(ctx, dir, DirFiles(dir), Options{CacheSize: 1}, false)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("snapshot %s: %w", dir, err)
 	}
 	defer s.Close()
 	buf := make([]byte, s.m.ChunkSize)
 	for i := range s.m.Chunks {
-		if err := s.ReadChunk(ctx, i, buf[:s.m.chunkLen(i)]); err != nil {
+		err := s.checkHeader(ctx, i)
+		if err == nil {
+			err = s.ReadChunk(ctx, i, buf[:s.m.chunkLen(i)])
+		}
+		if err != nil {
 			bad = append(bad, err)
 		}
 	}
@@ -92,6 +96,8 @@ type Info struct {
 	Size       int64 // image bytes
 	PageSize   int64
 	ChunkSize  int64
+	FrameSize  int64
+	DictSize   int64 // the zstd dictionary's bytes (0: none)
 	Pages      int64
 	ZeroPages  int64
 	Chunks     int   // all chunks
@@ -127,8 +133,11 @@ func Inspect(dir string) (*Info, error) {
 	if err != nil {
 		return nil, err
 	}
-	in := &Info{Dir: dir, Size: m.Size, PageSize: m.PageSize, ChunkSize: m.ChunkSize,
+	in := &Info{Dir: dir, Size: m.Size, PageSize: m.PageSize, ChunkSize: m.ChunkSize, FrameSize: m.FrameSize,
 		Pages: m.Pages(), Chunks: len(m.Chunks), Store: m.Store}
+	if m.Dict != nil {
+		in.DictSize = m.Dict.Size
+	}
 	for p := range m.Pages() {
 		if m.isZero(p) {
 			in.ZeroPages++

@@ -3,7 +3,7 @@ package snapshot
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +26,10 @@ const DefaultChunkSize = 2 << 20
 type PackOptions struct {
 	ChunkSize int64 // image bytes per chunk, a multiple of PageSize (DefaultChunkSize when 0; a diff's base's)
 	PageSize  int64 // the zero map's unit (4096 when 0; a diff's base's)
-	Level     int   // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
+	// FrameSize is the image bytes per frame, the unit of a read: a multiple of PageSize that
+	// divides ChunkSize (DefaultFrameSize, or PageSize if larger, when 0; a diff's base's).
+	FrameSize int64
+	Level     int // zstd level, as the zstd command counts (1 when 0: see BENCHMARKS.md, Pack)
 	// Store, when set, is a shared chunk store: chunks go to Store/chunks, where chunks of
 	// other snapshots with the same content are reused.
 	Store string
@@ -95,10 +99,11 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 		}
 		defer base.Close()
 		bm := base.Manifest()
-		if o.ChunkSize != 0 && o.ChunkSize != bm.ChunkSize || o.PageSize != 0 && o.PageSize != bm.PageSize {
-			return nil, fmt.Errorf("pack: a diff keeps its base's chunk size %d and page size %d", bm.ChunkSize, bm.PageSize)
+		if o.ChunkSize != 0 && o.ChunkSize != bm.ChunkSize || o.PageSize != 0 && o.PageSize != bm.PageSize ||
+			o.FrameSize != 0 && o.FrameSize != bm.FrameSize {
+			return nil, fmt.Errorf("pack: a diff keeps its base's chunk size %d, page size %d and frame size %d", bm.ChunkSize, bm.PageSize, bm.FrameSize)
 		}
-		o.ChunkSize, o.PageSize = bm.ChunkSize, bm.PageSize
+		o.ChunkSize, o.PageSize, o.FrameSize = bm.ChunkSize, bm.PageSize, bm.FrameSize
 	}
 	if o.PageSize == 0 {
 		o.PageSize = 4096
@@ -106,8 +111,14 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 	if o.ChunkSize == 0 {
 		o.ChunkSize = DefaultChunkSize
 	}
+	if o.FrameSize == 0 {
+		o.FrameSize = min(max(DefaultFrameSize, o.PageSize), o.ChunkSize)
+	}
 	if o.PageSize < 512 || o.PageSize&(o.PageSize-1) != 0 || o.ChunkSize <= 0 || o.ChunkSize%o.PageSize != 0 || o.ChunkSize > maxChunkSize {
 		return nil, fmt.Errorf("pack: chunk size %d must be a multiple of the page size %d (a power of two), at most 1 GiB", o.ChunkSize, o.PageSize)
+	}
+	if o.FrameSize <= 0 || o.FrameSize%o.PageSize != 0 || o.ChunkSize%o.FrameSize != 0 || o.ChunkSize/o.FrameSize > maxFramesPerChunk {
+		return nil, fmt.Errorf("pack: frame size %d must be a multiple of the page size %d that divides the chunk size %d into at most %d frames", o.FrameSize, o.PageSize, o.ChunkSize, maxFramesPerChunk)
 	}
 	f, err := os.Open(memFile)
 	if err != nil {
@@ -118,7 +129,7 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 	if err != nil {
 		return nil, err
 	}
-	m := &Manifest{Format: FormatName, Version: Version, Size: fi.Size(), PageSize: o.PageSize, ChunkSize: o.ChunkSize}
+	m := &Manifest{Format: FormatName, Version: Version, Size: fi.Size(), PageSize: o.PageSize, ChunkSize: o.ChunkSize, FrameSize: o.FrameSize}
 	var extents [][2]int64
 	if base != nil {
 		if m.Size != base.Size() {
@@ -145,6 +156,10 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return nil, err
 	}
+	dict, err := packDict(f, m, base, chunkDir)
+	if err != nil {
+		return nil, fmt.Errorf("pack: dictionary: %w", err)
+	}
 
 	nchunks := m.NumChunks()
 	ctx, cancel := context.WithCancel(ctx)
@@ -167,7 +182,7 @@ func Pack(ctx context.Context, memFile, out string, o PackOptions) (*PackStats, 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w, err := newPacker(m, chunkDir, base, o.Level)
+			w, err := newPacker(m, chunkDir, base, o.Level, dict)
 			if err != nil {
 				for j := range jobs {
 					results <- packResult{idx: j.idx, err: err}
@@ -306,22 +321,91 @@ func readChunks(ctx context.Context, f *os.File, m *Manifest, base *Snapshot, ex
 	return nil
 }
 
-// A packer is one worker's state: its encoder and output buffer.
+// A packer is one worker's state: its encoder and output buffers.
 type packer struct {
 	m        *Manifest
 	chunkDir string
 	base     *Snapshot
 	enc      *zstd.Encoder
-	out      []byte
+	out      []byte // the chunk file being built
+	comp     []byte // one frame compressed
+	table    []byte
+	hdr      []byte
 }
 
-func newPacker(m *Manifest, chunkDir string, base *Snapshot, level int) (*packer, error) {
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)),
-		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
+func newPacker(m *Manifest, chunkDir string, base *Snapshot, level int, dict []byte) (*packer, error) {
+	opts := []zstd.EOption{zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)),
+		zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false)}
+	if dict != nil {
+		opts = append(opts, zstd.WithEncoderDictRaw(m.Dict.id(), dict))
+	}
+	enc, err := zstd.NewWriter(nil, opts...)
 	if err != nil {
 		return nil, err
 	}
 	return &packer{m: m, chunkDir: chunkDir, base: base, enc: enc}, nil
+}
+
+// packDict returns the dictionary the chunks are compressed with and sets m.Dict: a diff's
+// base's; else the one the chunk directory has (a store's, shared by the snapshots in it, so
+// that their common chunks stay one file); else a new one of pages sampled across the image.
+// Frames of a chunk's size get no dictionary: it helps small frames only.
+func packDict(f *os.File, m *Manifest, base *Snapshot, chunkDir string) ([]byte, error) {
+	if base != nil {
+		bd := base.Manifest().Dict
+		if bd == nil {
+			return nil, nil
+		}
+		b, err := base.readDict(context.Background())
+		if err != nil {
+			return nil, err
+		}
+		m.Dict = bd
+		if _, err := os.Stat(filepath.Join(chunkDir, bd.fileName())); err == nil {
+			return b, nil
+		}
+		return b, writeFileAtomic(chunkDir, bd.fileName(), b, 0o444)
+	}
+	if m.FrameSize >= m.ChunkSize || m.FrameSize > 256<<10 {
+		return nil, nil
+	}
+	if names, _ := filepath.Glob(filepath.Join(chunkDir, "*.dict")); len(names) > 0 {
+		sort.Strings(names)
+		b, err := os.ReadFile(names[0])
+		if err != nil {
+			return nil, err
+		}
+		h := strings.TrimSuffix(filepath.Base(names[0]), ".dict")
+		if hashHex(b) != h {
+			return nil, fmt.Errorf("%s: %w", names[0], corruptf("content hash does not match its name"))
+		}
+		m.Dict = &DictRef{Hash: h, Size: int64(len(b))}
+		return b, nil
+	}
+	// Non-zero pages from evenly spaced places: what the image's frames have in common (page
+	// tables, code, text) is likely in some of them.
+	ps := m.PageSize
+	pages := m.Pages()
+	var dict []byte
+	page := make([]byte, ps)
+	const tries = 64
+	for k := int64(0); k < tries && int64(len(dict)) < dictSize; k++ {
+		p := (2*k + 1) * pages / (2 * tries)
+		if (p+1)*ps > m.Size {
+			continue
+		}
+		if err := readFull(f, page, p*ps); err != nil {
+			return nil, err
+		}
+		if !zeroPage(page) {
+			dict = append(dict, page...)
+		}
+	}
+	if len(dict) < int(ps) {
+		return nil, nil // (almost) all zero: nothing to learn from
+	}
+	m.Dict = &DictRef{Hash: hashHex(dict), Size: int64(len(dict))}
+	return dict, writeFileAtomic(chunkDir, m.Dict.fileName(), dict, 0o444)
 }
 
 func (w *packer) pack(j packJob) packResult {
@@ -358,16 +442,10 @@ func (w *packer) pack(j packJob) packResult {
 		r.entry = ChunkEntry{Enc: EncZero}
 		return r
 	}
-	sum := sha256.Sum256(buf)
-	hash := hex.EncodeToString(sum[:])
-	for _, enc := range []Encoding{EncZstd, EncRaw} {
-		if fi, err := os.Stat(filepath.Join(w.chunkDir, chunkFile(hash, enc))); err == nil {
-			r.entry = ChunkEntry{Hash: hash, Stored: fi.Size(), Enc: enc}
-			r.reused = true
-			return r
-		}
-	}
-	// Pack the non-zero pages at the start of buf (the reader's expand undoes it).
+	hash := hashHex(buf)
+	name := m.chunkFileName(ChunkEntry{Hash: hash})
+	// Pack the non-zero pages at the start of buf: frame k's payload is then the next
+	// framePayload bytes (the reader's expand undoes it).
 	var to int64
 	for i := range npages {
 		at := i * m.PageSize
@@ -379,18 +457,102 @@ func (w *packer) pack(j packJob) packResult {
 			to += l
 		}
 	}
-	data := buf[:payload]
-	w.out = w.enc.EncodeAll(data, w.out[:0])
-	enc := EncZstd
-	// Stored raw when zstd saves less than 1/64: reading it is then a copy.
-	if int64(len(w.out)) >= payload-payload/64 {
-		enc = EncRaw
-	} else {
-		data = w.out
+	nf := m.framesIn(j.idx)
+	fpp := m.FrameSize / m.PageSize
+	// Per frame: its payload's length and hash.
+	type fr struct {
+		at, n int64
+		hash  [32]byte
 	}
-	r.entry = ChunkEntry{Hash: hash, Stored: int64(len(data)), Enc: enc}
-	r.err = w.writeChunk(chunkFile(hash, enc), data)
+	frames := make([]fr, nf)
+	var at int64
+	for k := range nf {
+		var n int64
+		for i := int64(k) * fpp; i < min(int64(k+1)*fpp, npages); i++ {
+			if !r.zero[i] {
+				n += min(m.PageSize, r.n-i*m.PageSize)
+			}
+		}
+		frames[k] = fr{at: at, n: n}
+		if n > 0 {
+			frames[k].hash = sha256.Sum256(buf[at : at+n])
+		}
+		at += n
+	}
+	if fi, err := os.Stat(filepath.Join(w.chunkDir, name)); err == nil {
+		// The file is there (a store, a second pack into this directory, the same chunk
+		// twice): its frame table is the entry's, once its frames are those of these bytes.
+		t, err := w.existingTable(name, fi.Size(), nf, func(k int) int64 { return frames[k].n })
+		if err == nil {
+			recs, _ := parseTable(nf, t, func(k int) int64 { return frames[k].n })
+			for k, rec := range recs {
+				if rec.stored > 0 && rec.hash != frames[k].hash {
+					err = fmt.Errorf("frame %d's hash differs", k)
+				}
+			}
+		}
+		if err == nil {
+			r.entry = ChunkEntry{Hash: hash, Stored: fi.Size(), Enc: EncFrames, Frames: t}
+			r.reused = true
+			return r
+		}
+		// A damaged or foreign file under the chunk's name: write it anew.
+	}
+	w.table = w.table[:0]
+	w.out = w.out[:0]
+	for _, f := range frames {
+		if f.n == 0 {
+			w.table = appendFrameRec(w.table, 0, nil)
+			continue
+		}
+		payload := buf[f.at : f.at+f.n]
+		w.comp = w.enc.EncodeAll(payload, w.comp[:0])
+		data := w.comp
+		// Stored raw when zstd saves less than 1/64: reading it is then a copy.
+		if int64(len(data)) >= f.n-f.n/64 {
+			data = payload
+		}
+		w.table = appendFrameRec(w.table, int64(len(data)), &f.hash)
+		w.out = append(w.out, data...)
+	}
+	w.hdr = append(w.hdr[:0], chunkHeader(w.table)...)
+	file := append(w.hdr, w.out...)
+	w.hdr = file[:0]
+	r.entry = ChunkEntry{Hash: hash, Stored: int64(len(file)), Enc: EncFrames, Frames: append([]byte(nil), w.table...)}
+	r.err = w.writeChunk(name, file)
 	return r
+}
+
+// existingTable reads and checks the frame table of the chunk file name that is already in
+// the chunk directory: n frames, whose payload lengths payloadOf gives (the zero map of the
+// chunk is not in the manifest yet).
+func (w *packer) existingTable(name string, size int64, n int, payloadOf func(int) int64) ([]byte, error) {
+	f, err := os.Open(filepath.Join(w.chunkDir, name))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	hdr := make([]byte, min(size, int64(len(chunkMagic))+binary.MaxVarintLen64+w.m.maxTable()))
+	if err := readAtExact(f, hdr, 0); err != nil {
+		return nil, err
+	}
+	t, err := readHeader(hdr)
+	if err != nil {
+		return nil, err
+	}
+	t = append([]byte(nil), t...)
+	recs, err := parseTable(n, t, payloadOf)
+	if err != nil {
+		return nil, err
+	}
+	total := headerLen(t)
+	for _, r := range recs {
+		total += r.stored
+	}
+	if total != size {
+		return nil, fmt.Errorf("file of %d bytes, its frames hold %d", size, total)
+	}
+	return t, nil
 }
 
 // writeChunk writes a chunk file: temp file, fsync, rename, so that a chunk's name never holds
@@ -406,12 +568,12 @@ func (w *packer) writeChunk(name string, data []byte) error {
 // linkFromBase makes the base's chunk file part of this snapshot's chunk directory (a hard link,
 // or a copy across file systems), unless it is there already (a shared store).
 func (w *packer) linkFromBase(idx int, c ChunkEntry) error {
-	name := chunkFile(c.Hash, c.Enc)
+	name := w.m.chunkFileName(c)
 	dst := filepath.Join(w.chunkDir, name)
 	if _, err := os.Stat(dst); err == nil {
 		return nil
 	}
-	src := filepath.Join(w.base.chunkDir, name)
+	src := w.base.localChunkPath(name)
 	if err := os.Link(src, dst); err == nil || errors.Is(err, os.ErrExist) {
 		return nil
 	}

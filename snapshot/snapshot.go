@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -17,27 +17,28 @@ import (
 	"github.com/faultline-go/faultline/source"
 )
 
-// DefaultCacheSize is the bound of the decompressed-chunk cache when Options leaves it 0.
+// DefaultCacheSize is the bound of the decompressed-frame cache when Options leaves it 0.
 const DefaultCacheSize = 256 << 20
 
 // Options tune Open.
 type Options struct {
-	// CacheSize bounds the bytes of decompressed chunks kept in memory (DefaultCacheSize when
-	// 0). Chunks being read are held past the bound until their readers are done.
+	// CacheSize bounds the bytes of decompressed frames kept in memory (DefaultCacheSize when
+	// 0). Frames being read are held past the bound until their readers are done.
 	CacheSize int64
 }
 
-// A Snapshot is an open snapshot directory. It is a source.Source: ReadAt serves the image
-// through a bounded cache of decompressed, verified chunks, and zero pages without reading.
-// Its methods are safe for concurrent use.
+// A Snapshot is an open snapshot. It is a source.Source: ReadAt serves the image through a
+// bounded cache of decompressed, verified frames, and zero pages without reading. Its methods
+// are safe for concurrent use.
 type Snapshot struct {
-	dir      string
-	m        *Manifest
-	chunkDir string
-	dec      *zstd.Decoder
-	cache    cache
-	comp     sync.Pool // *[]byte buffers for compressed chunk bytes
-	closed   atomic.Bool
+	dir    string // the directory, or what the Files came from, for messages
+	files  Files
+	m      *Manifest
+	frames [][]frameLoc // per chunk, per frame (nil for an all-zero chunk)
+	dec    *zstd.Decoder
+	cache  cache
+	comp   sync.Pool // *[]byte buffers for compressed frame bytes
+	closed atomic.Bool
 }
 
 var (
@@ -51,15 +52,9 @@ func Open(dir string) (*Snapshot, error) { return OpenWith(dir, Options{}) }
 // OpenWith opens the snapshot in dir. It validates the manifest and checks that every chunk
 // file it refers to is there with the size it records; the error names what is missing.
 func OpenWith(dir string, o Options) (*Snapshot, error) {
-	s, err := open(dir, o)
+	s, err := openFiles(context.Background(), dir, DirFiles(dir), o, true)
 	if err != nil {
-		return nil, err
-	}
-	for i, c := range s.m.Chunks {
-		if err := s.checkChunkFile(i, c); err != nil {
-			s.Close()
-			return nil, err
-		}
+		return nil, fmt.Errorf("snapshot %s: %w", dir, err)
 	}
 	if w := s.m.WorkingSet; w != nil {
 		if err := checkFileSize(filepath.Join(dir, w.Extent), w.ExtentSize); err != nil {
@@ -70,36 +65,98 @@ func OpenWith(dir string, o Options) (*Snapshot, error) {
 	return s, nil
 }
 
-// open opens dir without looking at the chunk files.
-func open(dir string, o Options) (*Snapshot, error) {
-	m, err := ReadManifest(dir)
+// OpenFiles opens the snapshot whose files f gives; name is what errors call it (a directory,
+// a URL). Where f is a Checker, every chunk file is checked first.
+func OpenFiles(ctx context.Context, name string, f Files, o Options) (*Snapshot, error) {
+	s, err := openFiles(ctx, name, f, o, true)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", name, err)
+	}
+	return s, nil
+}
+
+func openFiles(ctx context.Context, name string, f Files, o Options, check bool) (*Snapshot, error) {
+	b, err := f.Manifest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	m, err := DecodeManifest(b)
 	if err != nil {
 		return nil, err
 	}
 	if o.CacheSize <= 0 {
 		o.CacheSize = DefaultCacheSize
 	}
-	dec, err := zstd.NewReader(nil,
+	s := &Snapshot{dir: name, files: f, m: m}
+	if check {
+		if c, ok := f.(Checker); ok {
+			seen := make(map[string]bool)
+			for i, e := range m.Chunks {
+				name := m.chunkFileName(e)
+				if e.Enc == EncZero || seen[name] {
+					continue
+				}
+				seen[name] = true
+				if err := c.Check(ctx, name, e.Stored); err != nil {
+					return nil, s.chunkError(i, ioError(err))
+				}
+			}
+			if d := m.Dict; d != nil {
+				if err := c.Check(ctx, d.fileName(), d.Size); err != nil {
+					return nil, fmt.Errorf("dictionary %s: %w", d.fileName(), ioError(err))
+				}
+			}
+		}
+	}
+	dopts := []zstd.DOption{
 		zstd.WithDecoderConcurrency(0),
-		zstd.WithDecoderMaxMemory(uint64(m.ChunkSize)+1<<20),
-		zstd.WithDecodeAllCapLimit(true)) // never grow dst: a chunk decodes into its own buffer or fails
-	if err != nil {
+		zstd.WithDecoderMaxMemory(uint64(max(m.FrameSize, frameTarget)) + 1<<20),
+		zstd.WithDecodeAllCapLimit(true), // never grow dst: a frame decodes into its own buffer or fails
+	}
+	if m.Dict != nil {
+		dict, err := s.readDict(ctx)
+		if err != nil {
+			return nil, err
+		}
+		dopts = append(dopts, zstd.WithDecoderDictRaw(m.Dict.id(), dict))
+	}
+	if s.dec, err = zstd.NewReader(nil, dopts...); err != nil {
 		return nil, err
 	}
-	s := &Snapshot{dir: dir, m: m, chunkDir: m.chunkDir(dir), dec: dec}
-	s.cache.init(o.CacheSize, m.ChunkSize)
+	s.frames = make([][]frameLoc, len(m.Chunks))
+	for i, c := range m.Chunks {
+		if c.Enc == EncZero {
+			continue
+		}
+		recs, _ := m.parseFrames(i, c.Frames) // validated by DecodeManifest
+		locs := make([]frameLoc, len(recs))
+		off := headerLen(c.Frames)
+		for k, r := range recs {
+			locs[k] = frameLoc{stored: int32(r.stored), off: off, hash: r.hash}
+			off += r.stored
+		}
+		s.frames[i] = locs
+	}
+	s.cache.init(o.CacheSize, m.FrameSize)
 	return s, nil
 }
 
-func (s *Snapshot) checkChunkFile(i int, c ChunkEntry) error {
-	if c.Enc == EncZero {
-		return nil
+// readDict reads and verifies the dictionary.
+func (s *Snapshot) readDict(ctx context.Context) ([]byte, error) {
+	d := s.m.Dict
+	f, err := s.files.Chunk(ctx, d.fileName(), d.Size)
+	if err != nil {
+		return nil, fmt.Errorf("dictionary %s: %w", d.fileName(), ioError(err))
 	}
-	path := filepath.Join(s.chunkDir, chunkFile(c.Hash, c.Enc))
-	if err := checkFileSize(path, c.Stored); err != nil {
-		return &ChunkError{Chunk: i, Offset: int64(i) * s.m.ChunkSize, Path: path, Err: err}
+	defer f.Close()
+	b := make([]byte, d.Size)
+	if err := readAtExact(f, b, 0); err != nil {
+		return nil, fmt.Errorf("dictionary %s: %w", d.fileName(), err)
 	}
-	return nil
+	if hashHex(b) != d.Hash {
+		return nil, fmt.Errorf("dictionary %s: %w", d.fileName(), corruptf("content hash does not match its name"))
+	}
+	return b, nil
 }
 
 func checkFileSize(path string, want int64) error {
@@ -113,7 +170,7 @@ func checkFileSize(path string, want int64) error {
 	return nil
 }
 
-// Dir is the snapshot's directory.
+// Dir is the snapshot's directory (or the name OpenFiles was given).
 func (s *Snapshot) Dir() string { return s.dir }
 
 // Manifest returns the snapshot's manifest. The caller must not change it.
@@ -125,8 +182,11 @@ func (s *Snapshot) Size() int64 { return s.m.Size }
 // PageSize is the unit of the zero map.
 func (s *Snapshot) PageSize() int64 { return s.m.PageSize }
 
-// ChunkSize is the image bytes of every chunk but the last: the natural extent of a read.
+// ChunkSize is the image bytes of every chunk but the last.
 func (s *Snapshot) ChunkSize() int64 { return s.m.ChunkSize }
+
+// FrameSize is the image bytes of every frame but the last: the unit of a read.
+func (s *Snapshot) FrameSize() int64 { return s.m.FrameSize }
 
 // NumChunks is the number of chunks.
 func (s *Snapshot) NumChunks() int { return len(s.m.Chunks) }
@@ -161,50 +221,66 @@ func (s *Snapshot) ZeroRun(off, n int64) int64 {
 	return max(0, min(p*ps, end)-off)
 }
 
-// ReadChunk reads chunk idx into dst[:ChunkLen(idx)], decompressing it and verifying its
-// hash. On error dst's contents are undefined; the error is a *ChunkError matching ErrCorrupt,
-// ErrMissing or ErrTransient (a done ctx is transient).
-func (s *Snapshot) ReadChunk(ctx context.Context, idx int, dst []byte) error {
-	if idx < 0 || idx >= len(s.m.Chunks) {
-		return fmt.Errorf("snapshot: chunk %d out of range [0, %d)", idx, len(s.m.Chunks))
+// chunkError wraps err as the error of chunk i.
+func (s *Snapshot) chunkError(i int, err error) error {
+	path := s.m.ChunkFileName(i)
+	if d, ok := s.files.(*dirFiles); ok && path != "" {
+		path = d.path(path)
 	}
-	clen := s.m.chunkLen(idx)
-	if int64(len(dst)) < clen {
-		return fmt.Errorf("snapshot: chunk %d needs a buffer of %d bytes, got %d", idx, clen, len(dst))
-	}
-	c := s.m.Chunks[idx]
-	if c.Enc == EncZero {
-		clear(dst[:clen])
+	return &ChunkError{Chunk: i, Offset: int64(i) * s.m.ChunkSize, Path: path, Err: err}
+}
+
+// readFrame reads frame g into dst[:frameLen(g)]: one read of its stored bytes, decompressed,
+// verified against its hash, its pages spread over dst with the zero pages zeroed. A frame that
+// fails verification is read once more after telling the Files (a cache fetches it anew). The
+// error is a *ChunkError.
+func (s *Snapshot) readFrame(ctx context.Context, g int, dst []byte) error {
+	m := s.m
+	per := int(m.ChunkSize / m.FrameSize)
+	ci := g / per
+	dst = dst[:m.frameLen(g)]
+	locs := s.frames[ci]
+	if locs == nil || locs[g-ci*per].stored == 0 {
+		clear(dst)
 		return nil
 	}
-	path := filepath.Join(s.chunkDir, chunkFile(c.Hash, c.Enc))
-	if err := s.readChunk(ctx, idx, c, path, dst[:clen]); err != nil {
-		return &ChunkError{Chunk: idx, Offset: int64(idx) * s.m.ChunkSize, Path: path, Err: err}
+	loc := &locs[g-ci*per]
+	c := m.Chunks[ci]
+	name := m.chunkFileName(c)
+	err := s.readFrameOnce(ctx, g, loc, c, name, dst)
+	if errors.Is(err, ErrCorrupt) {
+		s.files.Corrupt(name)
+		err = s.readFrameOnce(ctx, g, loc, c, name, dst)
+	}
+	if err != nil {
+		return s.chunkError(ci, fmt.Errorf("frame at image offset %#x: %w", int64(g)*m.FrameSize, err))
 	}
 	return nil
 }
 
-func (s *Snapshot) readChunk(ctx context.Context, idx int, c ChunkEntry, path string, dst []byte) error {
+func (s *Snapshot) readFrameOnce(ctx context.Context, g int, loc *frameLoc, c ChunkEntry, name string, dst []byte) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%w: %w", ErrTransient, err)
 	}
-	payload := s.m.payloadLen(idx)
-	switch c.Enc {
-	case EncRaw:
-		if err := readFileExact(path, dst[:payload]); err != nil {
-			return err
-		}
-	case EncZstd:
-		bp, _ := s.comp.Get().(*[]byte)
-		if bp == nil || int64(cap(*bp)) < c.Stored {
-			b := make([]byte, c.Stored)
-			bp = &b
-		}
-		defer s.comp.Put(bp)
-		comp := (*bp)[:c.Stored]
-		if err := readFileExact(path, comp); err != nil {
-			return err
-		}
+	f, err := s.files.Chunk(ctx, name, c.Stored)
+	if err != nil {
+		return ioError(err)
+	}
+	defer f.Close()
+	payload := s.m.framePayload(g)
+	bp, _ := s.comp.Get().(*[]byte)
+	if bp == nil || cap(*bp) < int(loc.stored) {
+		b := make([]byte, s.m.FrameSize)
+		bp = &b
+	}
+	defer s.comp.Put(bp)
+	comp := (*bp)[:loc.stored]
+	if err := readAtExact(f, comp, loc.off); err != nil {
+		return err
+	}
+	if int64(loc.stored) == payload {
+		copy(dst, comp)
+	} else {
 		out, err := s.dec.DecodeAll(comp, dst[:0:payload])
 		if err != nil {
 			return corruptf("zstd: %v", err)
@@ -213,25 +289,107 @@ func (s *Snapshot) readChunk(ctx context.Context, idx int, c ChunkEntry, path st
 			return corruptf("decompressed to %d bytes, want %d", len(out), payload)
 		}
 	}
-	s.expand(idx, dst, payload)
-	if sum := sha256.Sum256(dst); hex.EncodeToString(sum[:]) != c.Hash {
-		return corruptf("content hash is %x, want %s", sum[:8], c.Hash)
+	if sum := sha256.Sum256(dst[:payload]); sum != loc.hash {
+		return corruptf("content hash is %x, want %x", sum[:8], loc.hash[:8])
+	}
+	s.m.expand(int64(g)*s.m.FrameSize, dst, payload)
+	return nil
+}
+
+// checkHeader checks that chunk i's file has the size and the frame table the manifest says.
+func (s *Snapshot) checkHeader(ctx context.Context, i int) error {
+	c := s.m.Chunks[i]
+	if c.Enc == EncZero {
+		return nil
+	}
+	f, err := s.files.Chunk(ctx, s.m.chunkFileName(c), c.Stored)
+	if err != nil {
+		return s.chunkError(i, ioError(err))
+	}
+	defer f.Close()
+	hdr := make([]byte, headerLen(c.Frames))
+	if err := readAtExact(f, hdr, 0); err != nil {
+		return s.chunkError(i, err)
+	}
+	t, err := readHeader(hdr)
+	if err == nil && !bytes.Equal(t, c.Frames) {
+		err = errors.New("its frame table is not the manifest's")
+	}
+	if err == nil {
+		var one [1]byte
+		if n, _ := f.ReadAt(one[:], c.Stored); n > 0 {
+			err = fmt.Errorf("longer than the %d bytes the manifest says", c.Stored)
+		}
+	}
+	if err != nil {
+		return s.chunkError(i, corruptf("%v", err))
 	}
 	return nil
 }
 
-// expand spreads a chunk's payload (its non-zero pages, packed at the start of dst) to the
-// pages' places and zeroes the zero pages, in place: from the last page down, a page's
-// payload never lies past its place.
-func (s *Snapshot) expand(idx int, dst []byte, payload int64) {
-	ps := s.m.PageSize
-	first := int64(idx) * (s.m.ChunkSize / ps)
+// localChunkPath is the path of a chunk-directory file of a snapshot opened from a directory
+// ("" for other Files).
+func (s *Snapshot) localChunkPath(name string) string {
+	if d, ok := s.files.(*dirFiles); ok {
+		return d.path(name)
+	}
+	return ""
+}
+
+// readAtExact reads len(b) bytes at off of f; a file that ends sooner is truncated.
+func readAtExact(f io.ReaderAt, b []byte, off int64) error {
+	n, err := f.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || err == io.EOF || err == io.ErrUnexpectedEOF {
+		return corruptf("truncated: %d of %d bytes at offset %d", n, len(b), off)
+	}
+	return ioError(err)
+}
+
+// ReadChunk reads chunk idx into dst[:ChunkLen(idx)], frame by frame, verifying each frame's
+// hash and then the chunk's. On error dst's contents are undefined; the error is a *ChunkError
+// matching ErrCorrupt, ErrMissing or ErrTransient (a done ctx is transient).
+func (s *Snapshot) ReadChunk(ctx context.Context, idx int, dst []byte) error {
+	if idx < 0 || idx >= len(s.m.Chunks) {
+		return fmt.Errorf("snapshot: chunk %d out of range [0, %d)", idx, len(s.m.Chunks))
+	}
+	clen := s.m.chunkLen(idx)
+	if int64(len(dst)) < clen {
+		return fmt.Errorf("snapshot: chunk %d needs a buffer of %d bytes, got %d", idx, clen, len(dst))
+	}
+	dst = dst[:clen]
+	c := s.m.Chunks[idx]
+	if c.Enc == EncZero {
+		clear(dst)
+		return nil
+	}
+	g0 := idx * int(s.m.ChunkSize/s.m.FrameSize)
+	for k := range s.m.framesIn(idx) {
+		at := int64(k) * s.m.FrameSize
+		if err := s.readFrame(ctx, g0+k, dst[at:]); err != nil {
+			return err
+		}
+	}
+	if hashHex(dst) != c.Hash {
+		return s.chunkError(idx, corruptf("content hash of the chunk does not match its name"))
+	}
+	return nil
+}
+
+// expand spreads the payload of the image range at off (its non-zero pages, packed at the
+// start of dst) to the pages' places and zeroes the zero pages, in place: from the last page
+// down, a page's payload never lies past its place.
+func (m *Manifest) expand(off int64, dst []byte, payload int64) {
+	ps := m.PageSize
+	first := off / ps
 	n := ceilDiv(int64(len(dst)), ps)
 	src := payload
 	for i := n - 1; i >= 0; i-- {
 		at := i * ps
 		l := min(ps, int64(len(dst))-at)
-		if s.m.isZero(first + i) {
+		if m.isZero(first + i) {
 			clear(dst[at : at+l])
 			continue
 		}
@@ -242,34 +400,13 @@ func (s *Snapshot) expand(idx int, dst []byte, payload int64) {
 	}
 }
 
-// readFileExact reads the file at path into b, which must be exactly the file's length.
-func readFileExact(path string, b []byte) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return ioError(err)
-	}
-	defer f.Close()
-	n, err := io.ReadFull(f, b)
-	switch {
-	case err == io.ErrUnexpectedEOF || err == io.EOF:
-		return corruptf("truncated: %d of %d bytes", n, len(b))
-	case err != nil:
-		return ioError(err)
-	}
-	var one [1]byte
-	if m, _ := f.Read(one[:]); m > 0 {
-		return corruptf("longer than the %d bytes the manifest says", len(b))
-	}
-	return nil
-}
-
 // ReadAt reads len(p) bytes of the image at off. Zero pages are served without reading; other
-// bytes come from the chunk cache, each chunk decompressed once however many readers want it.
+// bytes come from the frame cache, each frame decompressed once however many readers want it.
 func (s *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 	return s.ReadAtContext(context.Background(), p, off)
 }
 
-// ReadAtContext is ReadAt whose wait for a chunk ends when ctx is done.
+// ReadAtContext is ReadAt whose wait for a frame ends when ctx is done.
 func (s *Snapshot) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 || off > s.m.Size {
 		return 0, fmt.Errorf("snapshot: read at %d outside image of %d bytes", off, s.m.Size)
@@ -280,9 +417,9 @@ func (s *Snapshot) ReadAtContext(ctx context.Context, p []byte, off int64) (int,
 	}
 	done := 0
 	for len(p) > 0 {
-		idx := int(off / s.m.ChunkSize)
-		in := off - int64(idx)*s.m.ChunkSize
-		n := int(min(int64(len(p)), s.m.chunkLen(idx)-in))
+		idx := int(off / s.m.FrameSize)
+		in := off - int64(idx)*s.m.FrameSize
+		n := int(min(int64(len(p)), s.m.frameLen(idx)-in))
 		if z := s.ZeroRun(off, int64(n)); z > 0 {
 			clear(p[:z])
 			n = int(z)
@@ -314,8 +451,8 @@ func (s *Snapshot) Close() error {
 
 // CacheStats counts the cache's work since Open.
 type CacheStats struct {
-	Loads     int64 // chunks read and decompressed
-	Hits      int64 // reads served by a chunk already cached or being loaded
+	Loads     int64 // frames read and decompressed
+	Hits      int64 // reads served by a frame already cached or being loaded
 	Evictions int64
 	Bytes     int64 // decompressed bytes held now
 }

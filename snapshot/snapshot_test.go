@@ -39,11 +39,18 @@ func sample(t testing.TB, size int64, seed uint64) []byte {
 
 func pack(t testing.TB, img []byte, o PackOptions) string {
 	t.Helper()
+	dir, _ := packStats(t, img, o)
+	return dir
+}
+
+func packStats(t testing.TB, img []byte, o PackOptions) (string, *PackStats) {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "snap")
-	if _, err := Pack(ctx, writeImage(t, img), dir, o); err != nil {
+	st, err := Pack(ctx, writeImage(t, img), dir, o)
+	if err != nil {
 		t.Fatalf("Pack: %v", err)
 	}
-	return dir
+	return dir, st
 }
 
 // checkUnpack unpacks dir and compares it with img, and reads it back through ReadAt too.
@@ -99,6 +106,9 @@ func TestRoundTrip(t *testing.T) {
 		{"random", rnd, PackOptions{ChunkSize: 512 << 10}},
 		{"text", text[:len(text)-77], PackOptions{}},
 		{"hugetlb-pages", sample(t, 12<<20, 9), PackOptions{PageSize: 2 << 20}},
+		{"partial-frame", sample(t, 5<<20+20480+100, 10), PackOptions{}},
+		{"small-frames", sample(t, 3<<20+8192, 11), PackOptions{ChunkSize: 1 << 20, FrameSize: 16 << 10}},
+		{"frame-is-chunk", sample(t, 5<<20, 12), PackOptions{FrameSize: 2 << 20}},
 		{"empty", nil, PackOptions{}},
 		{"one-byte", []byte{9}, PackOptions{}},
 	}
@@ -147,7 +157,7 @@ func TestAllZeroStoresNothing(t *testing.T) {
 	}
 }
 
-// onlyChunk returns the path of one chunk file of dir (the one for chunk i).
+// chunkPath returns the path of chunk i's file in dir.
 func chunkPath(t *testing.T, dir string, i int) string {
 	m, err := ReadManifest(dir)
 	if err != nil {
@@ -157,7 +167,7 @@ func chunkPath(t *testing.T, dir string, i int) string {
 	if c.Enc == EncZero {
 		t.Fatalf("chunk %d is zero", i)
 	}
-	return filepath.Join(m.chunkDir(dir), chunkFile(c.Hash, c.Enc))
+	return filepath.Join(m.chunkDir(dir), m.chunkFileName(c))
 }
 
 func TestCorruption(t *testing.T) {
@@ -174,9 +184,11 @@ func TestCorruption(t *testing.T) {
 		atOpen bool
 	}{
 		{"flipped-byte", func(t *testing.T, dir string) {
+			// A byte of chunk 1's first frame, which holds the page at 2 MiB read below.
+			m, _ := ReadManifest(dir)
 			p := chunkPath(t, dir, 1)
 			b, _ := os.ReadFile(p)
-			b[len(b)/2] ^= 0x40
+			b[headerLen(m.Chunks[1].Frames)+8] ^= 0x40
 			os.Chmod(p, 0o644)
 			os.WriteFile(p, b, 0o644)
 		}, ErrCorrupt, "chunk 1 at offset 0x200000", false},
@@ -200,8 +212,8 @@ func TestCorruption(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, ManifestName), enc, 0o644)
 		}, ErrCorrupt, "checksum", true},
 		{"wrong-version", func(t *testing.T, dir string) {
-			editManifest(t, dir, func(m *Manifest) { m.Version = 2 })
-		}, ErrVersion, "version 2", true},
+			editManifest(t, dir, func(m *Manifest) { m.Version = 3 })
+		}, ErrVersion, "version 3", true},
 		{"no-manifest", func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, ManifestName)) }, ErrNotSnapshot, "manifest.json is missing", true},
 	}
 	for _, c := range cases {
@@ -354,11 +366,11 @@ func TestSharedStore(t *testing.T) {
 	copy(b[8<<20:], sample(t, 8<<20, 22)) // second half differs
 	da := pack(t, a, PackOptions{Store: store})
 	files := func() int {
-		ents, _ := os.ReadDir(filepath.Join(store, ChunksDir))
+		ents, _ := filepath.Glob(filepath.Join(store, ChunksDir, "*.chunk"))
 		return len(ents)
 	}
 	n1 := files()
-	db := pack(t, b, PackOptions{Store: store})
+	db, st := packStats(t, b, PackOptions{Store: store})
 	n2 := files()
 	ma, _ := ReadManifest(da)
 	mb, _ := ReadManifest(db)
@@ -370,6 +382,9 @@ func TestSharedStore(t *testing.T) {
 	}
 	if common == 0 {
 		t.Fatal("the first halves share no chunk: the test proves nothing")
+	}
+	if st.Reused < common {
+		t.Errorf("the second pack reused %d chunk files of the store, want %d (it wrote them again)", st.Reused, common)
 	}
 	distinct := map[string]bool{}
 	for _, m := range []*Manifest{ma, mb} {
@@ -530,8 +545,10 @@ func TestCacheSingleFlight(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if st := s.CacheStats(); st.Loads != 1 || st.Hits != n-1 {
-		t.Errorf("%d goroutines on one chunk: %+v, want 1 load", n, st)
+	// The reads cover 128 KiB: one load per frame of it, however many goroutines want each.
+	frames := int64(n) * 4096 / s.FrameSize()
+	if st := s.CacheStats(); st.Loads != frames || st.Hits != int64(n)-frames {
+		t.Errorf("%d goroutines on %d frames: %+v, want %d loads", n, frames, st, frames)
 	}
 }
 
@@ -540,7 +557,7 @@ func TestCacheBound(t *testing.T) {
 	for c := 0; c < 16; c++ { // no chunk all zero
 		img[c<<21+100] = 1
 	}
-	dir := pack(t, img, PackOptions{})
+	dir := pack(t, img, PackOptions{FrameSize: 2 << 20}) // the cache's unit: one chunk
 	s, err := OpenWith(dir, Options{CacheSize: 3 << 21})
 	if err != nil {
 		t.Fatal(err)

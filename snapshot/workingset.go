@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -60,14 +61,16 @@ func WriteWorkingSet(dir string, pages []uint64) error {
 	flush := func() error {
 		fr := Frame{Entries: entries, Raw: int64(len(payload)), Enc: EncZero}
 		if len(payload) > 0 {
-			sum := sha256.Sum256(payload)
-			fr.Hash = hex.EncodeToString(sum[:])
 			comp = enc.EncodeAll(payload, comp[:0])
 			data := comp
 			fr.Enc = EncZstd
 			if len(comp) >= len(payload) {
 				data, fr.Enc = payload, EncRaw
 			}
+			// The hash of the stored bytes: checked before they are decompressed, and half
+			// the hashing of the payload's on the prefetch's path.
+			sum := sha256.Sum256(data)
+			fr.Hash = hex.EncodeToString(sum[:])
 			fr.Stored = int64(len(data))
 			if _, err := bw.Write(data); err != nil {
 				return err
@@ -153,24 +156,46 @@ type Run struct {
 	Data  []byte // the pages' bytes; valid until the next call of Next
 }
 
-// A WorkingSetReader streams a snapshot's working set in recorded order, with one sequential
-// read of its extent file, verifying each frame's hash before yielding any of its pages.
+// A WorkingSetReader streams a snapshot's working set in recorded order: one goroutine reads
+// the extent sequentially while two decompress and verify the frames it read, so that reading,
+// decompressing and installing overlap; Next hands out runs in order, each frame verified
+// before any of its pages.
 type WorkingSetReader struct {
-	s      *Snapshot
-	f      *os.File
-	r      *bufio.Reader
-	order  []uint64
-	frames []Frame
-	fi     int    // next frame
-	pos    int    // next order index
-	end    int    // order index where the current frame ends
-	data   []byte // current frame's payload
-	comp   []byte
-	off    int64 // extent offset of the next frame
+	s       *Snapshot
+	f       io.ReadCloser
+	order   []uint64
+	frames  []Frame
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	inOrder chan *wsFrame // frames as the reader read them
+	free    chan *wsFrame // slots for the reader
+	cur     *wsFrame      // the frame Next takes runs from
+	pos     int           // next order index
+	end     int           // order index where cur ends
+	data    []byte        // cur's payload not handed out yet
+}
+
+// wsFrames is how many frames are read ahead of the one being installed.
+const wsFrames = 4
+
+// A wsFrame is one frame in the pipeline: read by the reader, decoded by a decoder.
+type wsFrame struct {
+	idx   int
+	first int // its first order index
+	comp  []byte
+	data  []byte
+	err   error
+	done  chan struct{} // closed when decoded (or failed)
 }
 
 // OpenWorkingSet opens the snapshot's working set for streaming (ErrNoWorkingSet if none).
 func (s *Snapshot) OpenWorkingSet() (*WorkingSetReader, error) {
+	return s.OpenWorkingSetContext(context.Background())
+}
+
+// OpenWorkingSetContext is OpenWorkingSet whose reading stops when ctx ends.
+func (s *Snapshot) OpenWorkingSetContext(ctx context.Context) (*WorkingSetReader, error) {
 	w := s.m.WorkingSet
 	if w == nil {
 		return nil, fmt.Errorf("snapshot %s: %w", s.dir, ErrNoWorkingSet)
@@ -179,26 +204,148 @@ func (s *Snapshot) OpenWorkingSet() (*WorkingSetReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Join(s.dir, w.Extent))
+	f, err := s.files.Extent(ctx, w.Extent, w.ExtentSize)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: working set extent: %w", s.dir, ioError(err))
 	}
-	return &WorkingSetReader{s: s, f: f, r: bufio.NewReaderSize(f, 1<<20), order: order, frames: w.Frames}, nil
+	r := &WorkingSetReader{s: s, f: f, order: order, frames: w.Frames,
+		inOrder: make(chan *wsFrame, wsFrames), free: make(chan *wsFrame, wsFrames)}
+	r.ctx, r.cancel = context.WithCancel(ctx)
+	for range wsFrames {
+		r.free <- &wsFrame{}
+	}
+	work := make(chan *wsFrame, wsFrames)
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		defer close(work)
+		defer close(r.inOrder)
+		r.read(work)
+	}()
+	for range 2 {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			for fr := range work {
+				fr.err = r.decode(fr)
+				close(fr.done)
+			}
+		}()
+	}
+	return r, nil
+}
+
+// read reads the frames in order into free slots, handing each to the decoders and to Next.
+func (r *WorkingSetReader) read(work chan<- *wsFrame) {
+	br := bufio.NewReaderSize(r.f, 1<<20)
+	var at int64
+	first := 0
+	for i, fr := range r.frames {
+		var slot *wsFrame
+		select {
+		case slot = <-r.free:
+		case <-r.ctx.Done():
+			return
+		}
+		slot.idx, slot.first, slot.err, slot.done = i, first, nil, make(chan struct{})
+		first += fr.Entries
+		if cap(slot.comp) < int(fr.Stored) {
+			slot.comp = make([]byte, fr.Stored)
+		}
+		slot.comp = slot.comp[:fr.Stored]
+		if n, err := io.ReadFull(br, slot.comp); err != nil {
+			if err == io.ErrUnexpectedEOF || err == io.EOF {
+				err = corruptf("truncated: %d of %d bytes", n, fr.Stored)
+			}
+			slot.err = r.frameError(i, at, ioError(err))
+			close(slot.done)
+			r.inOrder <- slot
+			return
+		}
+		at += fr.Stored
+		r.inOrder <- slot // capacity wsFrames: never blocks while the slot is ours
+		select {
+		case work <- slot:
+		case <-r.ctx.Done():
+			return
+		}
+	}
+}
+
+func (r *WorkingSetReader) frameError(i int, at int64, err error) error {
+	return fmt.Errorf("snapshot %s: working set frame %d at extent offset %d: %w", r.s.dir, i, at, err)
+}
+
+// decode verifies and decompresses a frame read.
+func (r *WorkingSetReader) decode(slot *wsFrame) error {
+	fr := r.frames[slot.idx]
+	var at int64
+	for _, f := range r.frames[:slot.idx] {
+		at += f.Stored
+	}
+	if fr.Raw == 0 {
+		slot.data = slot.data[:0]
+		return nil
+	}
+	if sum := sha256.Sum256(slot.comp); hex.EncodeToString(sum[:]) != fr.Hash {
+		return r.frameError(slot.idx, at, corruptf("content hash is %x, want %s", sum[:8], fr.Hash))
+	}
+	if fr.Enc == EncRaw {
+		slot.data = slot.comp
+		return nil
+	}
+	if cap(slot.data) < int(fr.Raw) || &slot.data[:1][0] == &slot.comp[:1][0] {
+		slot.data = make([]byte, 0, max(fr.Raw, frameTarget+r.s.m.PageSize))
+	}
+	out, err := r.s.dec.DecodeAll(slot.comp, slot.data[:0:fr.Raw])
+	if err != nil {
+		return r.frameError(slot.idx, at, corruptf("zstd: %v", err))
+	}
+	if int64(len(out)) != fr.Raw {
+		return r.frameError(slot.idx, at, corruptf("%d payload bytes, want %d", len(out), fr.Raw))
+	}
+	slot.data = out
+	return nil
 }
 
 // Pages is the working set's page order.
 func (r *WorkingSetReader) Pages() []uint64 { return r.order }
 
-// Next returns the next run, or io.EOF after the last. A frame that fails its hash is an error
-// matching ErrCorrupt, naming the frame and its offset in the extent.
+// Next returns the next run, or io.EOF after the last. Its Data is valid until the next call.
+// A frame that fails its hash is an error matching ErrCorrupt, naming the frame and its offset
+// in the extent.
 func (r *WorkingSetReader) Next() (Run, error) {
 	for r.pos == r.end {
-		if r.fi == len(r.frames) {
+		if r.cur != nil {
+			r.free <- r.cur // its pages are handed out: the reader may refill it
+			r.cur = nil
+		}
+		if r.pos == len(r.order) {
 			return Run{}, io.EOF
 		}
-		if err := r.loadFrame(); err != nil {
-			return Run{}, err
+		var slot *wsFrame
+		var ok bool
+		select {
+		case slot, ok = <-r.inOrder:
+		case <-r.ctx.Done():
+			return Run{}, fmt.Errorf("%w: %w", ErrTransient, r.ctx.Err())
 		}
+		if !ok {
+			if err := r.ctx.Err(); err != nil {
+				return Run{}, fmt.Errorf("%w: %w", ErrTransient, err)
+			}
+			return Run{}, io.EOF
+		}
+		select {
+		case <-slot.done:
+		case <-r.ctx.Done():
+			return Run{}, fmt.Errorf("%w: %w", ErrTransient, r.ctx.Err())
+		}
+		if slot.err != nil {
+			return Run{}, slot.err
+		}
+		r.cur, r.data = slot, slot.data
+		r.end = slot.first + r.frames[slot.idx].Entries
 	}
 	m := r.s.m
 	first := r.order[r.pos]
@@ -219,51 +366,17 @@ func (r *WorkingSetReader) Next() (Run, error) {
 	return run, nil
 }
 
-func (r *WorkingSetReader) loadFrame() error {
-	fr := r.frames[r.fi]
-	at := r.off
-	fail := func(err error) error {
-		return fmt.Errorf("snapshot %s: working set frame %d at extent offset %d: %w", r.s.dir, r.fi, at, err)
-	}
-	if cap(r.comp) < int(fr.Stored) {
-		r.comp = make([]byte, fr.Stored)
-	}
-	comp := r.comp[:fr.Stored]
-	if n, err := io.ReadFull(r.r, comp); err != nil {
-		if err == io.ErrUnexpectedEOF || err == io.EOF {
-			return fail(corruptf("truncated: %d of %d bytes", n, fr.Stored))
+// Close stops the reading and closes the extent file.
+func (r *WorkingSetReader) Close() error {
+	r.cancel()
+	// Let the reader and decoders finish: drain what they send.
+	go func() {
+		for range r.inOrder {
 		}
-		return fail(ioError(err))
-	}
-	var data []byte
-	switch fr.Enc {
-	case EncZero:
-	case EncRaw:
-		data = comp
-	case EncZstd:
-		out, err := r.s.dec.DecodeAll(comp, make([]byte, 0, fr.Raw))
-		if err != nil {
-			return fail(corruptf("zstd: %v", err))
-		}
-		data = out
-	}
-	if int64(len(data)) != fr.Raw {
-		return fail(corruptf("%d payload bytes, want %d", len(data), fr.Raw))
-	}
-	if fr.Raw > 0 {
-		if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != fr.Hash {
-			return fail(corruptf("content hash is %x, want %s", sum[:8], fr.Hash))
-		}
-	}
-	r.data = data
-	r.end = r.pos + fr.Entries
-	r.off += fr.Stored
-	r.fi++
-	return nil
+	}()
+	r.wg.Wait()
+	return r.f.Close()
 }
-
-// Close closes the extent file.
-func (r *WorkingSetReader) Close() error { return r.f.Close() }
 
 // ReadWorkingSet is for callers that need the whole working set with a context (a VM going away
 // stops it): it streams every run to fn.

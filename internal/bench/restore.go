@@ -47,9 +47,11 @@ type RestoreOptions struct {
 	// cold case: needs root. Without it "cold" cases run on whatever the cache holds.
 	DropCaches bool
 	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve);
-	// ChunkSize is the packed snapshot's (0: snapshot.DefaultChunkSize, as pack).
-	CacheSize, ChunkSize int64
-	Progress             func(format string, args ...any)
+	// ChunkSize and FrameSize are the packed snapshot's (0: pack's defaults).
+	CacheSize, ChunkSize, FrameSize int64
+	// Cases are the cases to run (default RestoreCases); the recording run always runs.
+	Cases    []string
+	Progress func(format string, args ...any)
 }
 
 // RestoreResult is one restore measured.
@@ -87,6 +89,7 @@ type RestoreReport struct {
 	Size        int             `json:"size"`
 	CacheSize   int64           `json:"cache_size"`
 	ChunkSize   int64           `json:"chunk_size"`
+	FrameSize   int64           `json:"frame_size"`
 	Device      string          `json:"device"`
 	ReadAheadKB int             `json:"read_ahead_kb"`
 	TracePages  [2]int          `json:"trace_pages"` // A, B
@@ -110,9 +113,13 @@ const (
 	// CasePrefetchSame touches trace A itself with the working set prefetched: what prefetch
 	// gives when the inputs do not change (no target; it shows what trace B's new pages cost).
 	CasePrefetchSame = "prefetch-same-trace-cold"
+	// CasePrefetchWarm is CasePrefetchCold with the snapshot's files in the page cache: the
+	// counterpart of the File backend's warm case (a host that restored the snapshot before).
+	CasePrefetchWarm = "faultline-prefetch-warm"
 )
 
-var restoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold, CasePrefetchSame}
+// RestoreCases are the cases, in the order they run within a rep.
+var RestoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold, CasePrefetchWarm, CasePrefetchSame}
 
 // RestoreTarget is a ratio of the issue's targets: Num's restore time over Den's.
 type RestoreTarget struct {
@@ -126,7 +133,7 @@ type RestoreTarget struct {
 // RestoreTargets are the targets the restore benchmark is measured against.
 var RestoreTargets = []RestoreTarget{
 	{"prefetch vs File backend, cold: faster by", CaseFileCold, CasePrefetchCold, 10, true},
-	{"prefetch vs File backend, warm: time ratio", CasePrefetchCold, CaseFileWarm, 1.5, false},
+	{"prefetch vs File backend, warm: time ratio", CasePrefetchWarm, CaseFileWarm, 1.5, false},
 	{"prefetch vs on-demand packed: faster by", CasePackedCold, CasePrefetchCold, 4, true},
 }
 
@@ -225,9 +232,12 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	if err := writeSample(rb.raw, int64(o.Size), o.Seed); err != nil {
 		return nil, err
 	}
-	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{ChunkSize: o.ChunkSize})
+	st, err := snapshot.Pack(context.Background(), rb.raw, rb.snap, snapshot.PackOptions{ChunkSize: o.ChunkSize, FrameSize: o.FrameSize})
 	if err != nil {
 		return nil, err
+	}
+	if m, err := snapshot.ReadManifest(rb.snap); err == nil {
+		rep.FrameSize = m.FrameSize
 	}
 	rep.Image, rep.Packed = st.Size, st.Stored
 	traceA, traceB := RestoreTraces(o.Size/4096, o.Seed)
@@ -257,8 +267,12 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 		return nil, err
 	}
 	rep.WorkingSet, rep.WSStored = info.WorkingSetPages, info.WorkingSetStored
+	cases := RestoreCases
+	if len(o.Cases) > 0 {
+		cases = o.Cases
+	}
 	for i := range o.Reps {
-		for _, c := range restoreCases {
+		for _, c := range cases {
 			t := traceB
 			if c == CasePrefetchSame {
 				t = traceA
@@ -273,7 +287,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 			rep.Results = append(rep.Results, res)
 		}
 	}
-	for _, c := range restoreCases {
+	for _, c := range cases {
 		var rs []RestoreResult
 		for _, r := range rep.Results {
 			if r.Case == c {
@@ -289,6 +303,16 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 type restoreBench struct {
 	o                   RestoreOptions
 	dir, raw, snap, dev string
+}
+
+// readTree reads every file under dir, so that it is in the page cache.
+func readTree(dir string) error {
+	return filepath.WalkDir(dir, func(p string, e os.DirEntry, err error) error {
+		if err != nil || e.IsDir() {
+			return err
+		}
+		return readAll(p)
+	})
 }
 
 func writeSample(path string, size int64, seed uint64) error {
@@ -331,6 +355,10 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 		if err := readAll(rb.raw); err != nil {
 			return res, err
 		}
+	case c == CasePrefetchWarm:
+		if err := readTree(rb.snap); err != nil {
+			return res, err
+		}
 	case rb.o.DropCaches:
 		if err := dropCaches(); err != nil {
 			return res, err
@@ -361,7 +389,7 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 			cfg.MemFile = rb.raw
 		case CasePackedCold:
 			cfg.Snapshot, cfg.NoPrefetch = rb.snap, true
-		case CasePrefetchCold, CasePrefetchSame:
+		case CasePrefetchCold, CasePrefetchSame, CasePrefetchWarm:
 			cfg.Snapshot = rb.snap
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true

@@ -24,8 +24,8 @@ func TestRestoreBenchTiny(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Medians) != len(restoreCases) {
-		t.Fatalf("%d cases reported, want %d", len(rep.Medians), len(restoreCases))
+	if len(rep.Medians) != len(RestoreCases) {
+		t.Fatalf("%d cases reported, want %d", len(rep.Medians), len(RestoreCases))
 	}
 	for _, r := range append(rep.Medians, rep.Record) {
 		if r.Wrong != 0 || r.Verified != r.Pages || r.Pages == 0 {

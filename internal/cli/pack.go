@@ -24,9 +24,9 @@ func init() {
 }
 
 func runPack(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--page-size 4K] [--level N]\n\n"+
-		"Pack cuts the memory file into chunks, drops the zero pages, compresses each chunk with zstd\n"+
-		"on every core and names it by its SHA-256. With --base, M is a Firecracker diff memory file\n"+
+	fs := newFlagSet("pack", "--mem-file M --out DIR [--base DIR] [--store DIR] [--chunk-size 2M] [--frame-size 32K] [--page-size 4K] [--level N]\n\n"+
+		"Pack cuts the memory file into chunks, drops the zero pages, compresses each chunk's frames\n"+
+		"with zstd on every core and names the chunk by its SHA-256. With --base, M is a Firecracker diff memory file\n"+
 		"(its holes are the base's pages) and unchanged chunks are the base's. DIR holds its chunks\n"+
 		"(cp -a DIR copies the snapshot) unless --store names a chunk store shared by snapshots.", stderr)
 	mem := fs.String("mem-file", "", "the raw memory file (required)")
@@ -34,6 +34,7 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 	base := fs.String("base", "", "a snapshot the memory file is a diff over")
 	store := fs.String("store", "", "a chunk store shared by several snapshots")
 	chunk := fs.String("chunk-size", "2M", "image bytes per chunk (K, M suffixes), a multiple of the page size")
+	frame := fs.String("frame-size", "32K", "image bytes per frame, the unit of a read (default 32K, or the page size if larger)")
 	page := fs.String("page-size", "4K", "the zero map's unit: the guest's page size (2M for a hugetlb guest)")
 	level := fs.Int("level", 1, "zstd level: 1 fastest (the default: 2% bigger than 3 and 1.5x faster), 3, 7, 11 smallest")
 	if code, ok := parseFlags(fs, args); !ok {
@@ -52,9 +53,9 @@ func runPack(args []string, stdout, stderr io.Writer) int {
 		name string
 		val  string
 		to   *int64
-	}{{"chunk-size", *chunk, &o.ChunkSize}, {"page-size", *page, &o.PageSize}} {
-		if *base != "" && !set[sf.name] {
-			continue
+	}{{"chunk-size", *chunk, &o.ChunkSize}, {"page-size", *page, &o.PageSize}, {"frame-size", *frame, &o.FrameSize}} {
+		if (*base != "" || sf.name == "frame-size") && !set[sf.name] {
+			continue // the base's, or the default for the page size
 		}
 		n, err := parseBytes(sf.val)
 		if err != nil {

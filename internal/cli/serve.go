@@ -35,13 +35,17 @@ func init() {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("serve", "--socket PATH (--mem-file PATH | --snapshot DIR) [flags]\n\n"+
+	fs := newFlagSet("serve", "--socket PATH (--mem-file PATH | --snapshot DIR) [flags]\n"+
+		"       faultline serve --control PATH [--socket PATH (--mem-file PATH | --snapshot DIR)] [flags]\n\n"+
 		"Serve listens on a Unix socket for Firecracker's UFFD handshake (snapshot load with\n"+
 		"\"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": PATH}) and serves every VM that\n"+
 		"connects from the memory snapshot file or packed snapshot directory (faultline pack), until\n"+
 		"SIGINT/SIGTERM: the first signal stops accepting and serves live VMs until they exit; a\n"+
 		"second one exits at once. With --record it stores the working set of the VMs it serves in\n"+
 		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.\n\n"+
+		"With --control it serves a fleet: VMs bound to UFFD sockets and snapshots through the control\n"+
+		"API on that socket (faultline vm create|ls|rm), --cache-size bounding the chunk cache memory\n"+
+		"of all packed snapshots together; a --socket given too is the binding \"default\".\n\n"+
 		"With --state-dir DIR (on tmpfs, e.g. /run/faultline) it keeps each VM's state there: after a\n"+
 		"crash, a daemon started on DIR serves again every VM still running (root: it takes each\n"+
 		"VM's userfaultfd back with pidfd_getfd). An upgrade starts the new binary with --takeover\n"+
@@ -51,7 +55,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot directory, from faultline pack (this or --mem-file)")
-	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G)")
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed chunks of --snapshot kept in memory (K, M, G); with --control, of every packed snapshot together")
 	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
 	recordWindow := fs.Duration("record-window", 0, "record only this long after each VM's handshake (0: until the VM ends)")
 	noPrefetch := fs.Bool("no-prefetch", false, "do not prefetch --snapshot's working set")
@@ -69,10 +73,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	maxHandshakes := fs.Int("max-handshakes", 8, "most handshakes one connection may send (Firecracker sends one)")
 	stateDir := fs.String("state-dir", "", "keep each VM's state here (tmpfs, e.g. /run/faultline): a daemon restarted on it after a crash serves the VMs again")
 	takeover := fs.Bool("takeover", false, "take the socket and every VM over from the daemon running on --state-dir, which then exits (a live upgrade)")
+	fl := fleetFlags(fs)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
+	if *fl.control != "" && *socket == "" && *memFile == "" && *snapDir == "" && !*record && fs.NArg() == 0 {
+		// A fleet with no single VM: the bindings come through the control API.
+	} else if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "faultline serve: --socket and one of --mem-file or --snapshot are required, and nothing else")
 		fs.Usage()
 		return 2
@@ -129,9 +136,16 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(h)
 	cfg.Logger = log
+	if *fl.control != "" {
+		if *stateDir != "" {
+			fmt.Fprintln(stderr, "faultline serve: --state-dir is not supported with --control yet")
+			return 2
+		}
+		return serveFleet(fl, cfg, *metrics, log, stderr)
+	}
 	// The metrics port is bound before the daemon starts: a daemon that recovered or took VMs
 	// over must not have to let them go because of it. A successor waits for its predecessor,
-	// which holds the port until it exits, and serves without metrics if it never frees it.
+	// which holds the port until it exits (serveMetricsOn).
 	var metricsLn net.Listener
 	if *metrics != "" && !*takeover {
 		if metricsLn, err = net.Listen("tcp", *metrics); err != nil {
@@ -148,36 +162,9 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if *metrics != "" {
-		reg := prometheus.NewRegistry()
-		reg.MustRegister(d.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() {
-			ln := metricsLn
-			for deadline := time.Now().Add(10 * time.Second); ln == nil; time.Sleep(50 * time.Millisecond) {
-				var err error
-				if ln, err = net.Listen("tcp", *metrics); err != nil && time.Now().After(deadline) {
-					log.Error("metrics: the predecessor did not free the port; serving without metrics", "addr", *metrics, "err", err)
-					return
-				}
-			}
-			log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
-			srv.Serve(ln)
-		}()
-		defer srv.Shutdown(context.Background())
+		defer serveMetricsOn(metricsLn, *metrics, d.Collector(), log)()
 	}
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	go func() {
-		s := <-sigs
-		log.Info("signal: draining (send it again to exit now)", "signal", s.String())
-		d.Drain()
-		s = <-sigs
-		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", d.Live())
-		d.Close()
-	}()
+	defer onSignals(log, d.Drain, d.Close, d.Live)()
 	if *snapDir != "" {
 		log.Info("serving", "socket", *socket, "snapshot", *snapDir, "record", *record, "prefetch", !*noPrefetch && !*record, "on_failure", cfg.OnFailure)
 	} else {
@@ -189,6 +176,54 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// serveMetrics serves Prometheus metrics of c (and the Go runtime's and the process's) on addr
+// until stop.
+func serveMetrics(addr string, c prometheus.Collector, log *slog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return serveMetricsOn(ln, addr, c, log), nil
+}
+
+// serveMetricsOn serves the metrics on ln; with ln nil (a --takeover's successor, whose
+// predecessor holds the port until it exits) it binds addr as soon as it is free, for up to
+// 10 s, and serves without metrics if it never is.
+func serveMetricsOn(ln net.Listener, addr string, c prometheus.Collector, log *slog.Logger) (stop func()) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		for deadline := time.Now().Add(10 * time.Second); ln == nil; time.Sleep(50 * time.Millisecond) {
+			var err error
+			if ln, err = net.Listen("tcp", addr); err != nil && time.Now().After(deadline) {
+				log.Error("metrics: the port stayed taken; serving without metrics", "addr", addr, "err", err)
+				return
+			}
+		}
+		log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+		srv.Serve(ln)
+	}()
+	return func() { srv.Shutdown(context.Background()) }
+}
+
+// onSignals drains on the first SIGINT/SIGTERM and closes on the second, until stop.
+func onSignals(log *slog.Logger, drain, close func(), live func() int) (stop func()) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		log.Info("signal: draining (send it again to exit now)", "signal", s.String())
+		drain()
+		s = <-sigs
+		log.Warn("second signal: exiting; VMs still live are not served any more", "signal", s.String(), "live", live())
+		close()
+	}()
+	return func() { signal.Stop(sigs) }
 }
 
 func parseAround(s string, maxPages int) (engine.FaultAround, error) {

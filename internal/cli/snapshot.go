@@ -96,8 +96,11 @@ func snapshotInspect(dir string, stdout, stderr io.Writer) int {
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
 	fmt.Fprintf(tw, "snapshot\t%s\n", dir)
-	fmt.Fprintf(tw, "image\t%s (%d bytes), pages of %s, chunks of %s\n",
-		snapshot.FormatBytes(in.Size), in.Size, snapshot.FormatBytes(in.PageSize), snapshot.FormatBytes(in.ChunkSize))
+	fmt.Fprintf(tw, "image\t%s (%d bytes), pages of %s, chunks of %s in frames of %s\n",
+		snapshot.FormatBytes(in.Size), in.Size, snapshot.FormatBytes(in.PageSize), snapshot.FormatBytes(in.ChunkSize), snapshot.FormatBytes(in.FrameSize))
+	if in.DictSize > 0 {
+		fmt.Fprintf(tw, "dictionary	%s (zstd, sampled from the image)\n", snapshot.FormatBytes(in.DictSize))
+	}
 	fmt.Fprintf(tw, "stored\t%s in %d chunk files, ratio %.2f\n", snapshot.FormatBytes(in.Stored), in.Files, in.Ratio())
 	fmt.Fprintf(tw, "zero\t%.1f%% of pages (%d of %d); %d of %d chunks all zero\n",
 		pct(in.ZeroPages, in.Pages), in.ZeroPages, in.Pages, in.ZeroChunks, in.Chunks)

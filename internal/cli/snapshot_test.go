@@ -63,7 +63,7 @@ func TestPackInspectVerifyUnpack(t *testing.T) {
 	var broken []int
 	for i, c := range m.Chunks {
 		if c.Enc != snapshot.EncZero && len(broken) < 2 {
-			p := filepath.Join(dir, snapshot.ChunksDir, c.Hash+map[snapshot.Encoding]string{snapshot.EncZstd: ".zst", snapshot.EncRaw: ".raw"}[c.Enc])
+			p := filepath.Join(dir, snapshot.ChunksDir, m.ChunkFileName(i))
 			os.Chmod(p, 0o644)
 			if len(broken) == 0 {
 				os.Remove(p)

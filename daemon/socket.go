@@ -1,0 +1,104 @@
+//go:build linux
+
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrSocketInUse says a socket path is taken: another process listens on it, or a file that is
+// not a socket is there. A stale socket file (nobody listening) is not in use: it is replaced.
+var ErrSocketInUse = errors.New("socket path in use")
+
+// A Listener is a Unix socket listening at a path, bound the way the daemon binds its own: under
+// a temporary name, its mode (0600, or 0660 for a group) and owner set, then renamed into place
+// over a stale socket file, so no client connects before the permissions hold and the path
+// never goes missing. Listen refuses a path another process listens on (ErrSocketInUse).
+type Listener struct {
+	*net.UnixListener
+	path string
+	// id is the (device, inode) of the file bound: Remove unlinks the path only while it still
+	// names that file, not a successor's socket renamed over it.
+	id fileID
+}
+
+// Listen listens on path; group > 0 makes the socket 0660 and owned by that group, else it is
+// 0600. Closing the listener leaves the file: Remove unlinks it.
+func Listen(path string, group int) (*Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("daemon: %s exists and is not a socket: %w", path, ErrSocketInUse)
+		}
+		// Stale only if nobody listens: connect(2) is refused. EAGAIN means a listener with a
+		// full backlog — a busy daemon, not a stale file.
+		c, err := net.Dial("unix", path)
+		switch {
+		case err == nil:
+			c.Close()
+			return nil, fmt.Errorf("daemon: %s: another daemon is listening: %w", path, ErrSocketInUse)
+		case errors.Is(err, unix.ECONNREFUSED), errors.Is(err, unix.ENOENT):
+		default:
+			return nil, fmt.Errorf("daemon: %s: cannot tell whether it is stale: %w", path, err)
+		}
+	}
+	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
+	os.Remove(tmp)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("daemon: listen: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	fail := func(err error) (*Listener, error) {
+		ln.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	mode := os.FileMode(0o600)
+	if group > 0 {
+		mode = 0o660
+		if err := os.Chown(tmp, -1, group); err != nil {
+			return fail(fmt.Errorf("daemon: chown socket: %w", err))
+		}
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		return fail(fmt.Errorf("daemon: chmod socket: %w", err))
+	}
+	// The temporary name is ours alone (it carries our pid); rename keeps the inode.
+	id, err := statID(tmp)
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		return fail(fmt.Errorf("daemon: %w", err))
+	}
+	return &Listener{UnixListener: ln, path: path, id: id}, nil
+}
+
+// Path is the socket's path.
+func (l *Listener) Path() string { return l.path }
+
+// Remove unlinks the socket file if the path still names the one bound, not a successor's. (A
+// successor renaming its socket over the path between the check and the unlink would still
+// lose it; the window is two system calls wide.)
+func (l *Listener) Remove() {
+	if id, err := statID(l.path); err == nil && id == l.id {
+		os.Remove(l.path)
+	}
+}
+
+// fileID identifies a file: what a path names, whatever the path.
+type fileID struct{ dev, ino uint64 }
+
+func statID(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{uint64(st.Dev), uint64(st.Ino)}, nil
+}
