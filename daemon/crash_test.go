@@ -75,6 +75,19 @@ func underLoad(t testing.TB, spec daemonSpec, ms int) (*daemonProc, *vmm.VMM, *s
 	return d, v, startStorm(t, v, 0, ms)
 }
 
+// crashed starts a daemon process on spec and a VMM served by it, then kills the daemon: the
+// VMM's state is left in spec.StateDir.
+func crashed(t testing.TB, spec daemonSpec) *vmm.VMM {
+	t.Helper()
+	d, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := crashVM(t, spec.Socket)
+	d.kill()
+	return v
+}
+
 func crashSpec(t testing.TB) daemonSpec {
 	return daemonSpec{Socket: filepath.Join(t.TempDir(), "uffd.sock"), MemFile: snapshot(t, stormSize+probeSize),
 		StateDir: filepath.Join(t.TempDir(), "state")}

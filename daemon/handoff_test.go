@@ -173,12 +173,7 @@ func TestStateDirCorruptOrWrongVersion(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			spec := crashSpec(t)
-			a, err := startDaemon(t, spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			v := crashVM(t, spec.Socket)
-			a.kill()
+			v := crashed(t, spec)
 			files, _ := filepath.Glob(filepath.Join(spec.StateDir, "vm-*.state"))
 			if len(files) != 1 {
 				t.Fatalf("state files %v", files)
@@ -221,12 +216,7 @@ func TestStateDirCorruptOrWrongVersion(t *testing.T) {
 // VMs of the state directory, as after a crash.
 func TestTakeoverAfterCrashRecovers(t *testing.T) {
 	spec := crashSpec(t)
-	a, err := startDaemon(t, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := crashVM(t, spec.Socket)
-	a.kill()
+	v := crashed(t, spec)
 	pc := probe(t, v, 0)
 	spec.Takeover = true
 	b, err := startDaemon(t, spec)

@@ -43,6 +43,22 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
+// vmTouched waits for the socket, starts a VMM of 8 MiB on it (killed when the test ends) and
+// checks its first half against the pattern of seed 9.
+func vmTouched(t *testing.T, sock string) *vmm.VMM {
+	t.Helper()
+	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Kill)
+	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("touch: %+v %v", got, err)
+	}
+	return m
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -82,15 +98,7 @@ func TestServeDrainOnSIGTERM(t *testing.T) {
 	go func() {
 		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--metrics-addr", "127.0.0.1:0"}, io.Discard, &stderr)
 	}()
-	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
-	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Kill()
-	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
-		t.Fatalf("touch: %+v %v", got, err)
-	}
+	m := vmTouched(t, sock)
 	// Metrics.
 	addr := regexp.MustCompile(`msg=metrics addr=(\S+)`).FindStringSubmatch(stderr.String())
 	if addr == nil {
@@ -180,15 +188,7 @@ func TestServeTakeover(t *testing.T) {
 	var errA, errB lockedBuffer
 	codeA, codeB := make(chan int, 1), make(chan int, 1)
 	go func() { codeA <- Run(args, io.Discard, &errA) }()
-	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
-	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Kill()
-	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
-		t.Fatalf("touch: %+v %v", got, err)
-	}
+	m := vmTouched(t, sock)
 	go func() { codeB <- Run(append(args, "--takeover"), io.Discard, &errB) }()
 	select {
 	case c := <-codeA:
