@@ -148,13 +148,14 @@ func (v *vm) end(cause string) {
 	v.once.Do(func() {
 		v.mu.Lock()
 		v.endCause = cause
+		handed := v.handedOver
 		v.mu.Unlock()
 		close(v.ended)
 		// Unblock the handshake reader for good: a read deadline would be reset by its next
 		// read, a shut-down read side keeps returning EOF. Not for a VM handed over: the
 		// socket is the successor's, and shutdown(2) would cut it for it too (the hand-off
 		// stops the reader with a deadline instead, and no more reads follow).
-		if v.conn != nil && !v.d.handingOver.Load() {
+		if v.conn != nil && !handed {
 			v.conn.CloseRead()
 		}
 	})
