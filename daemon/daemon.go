@@ -34,11 +34,15 @@ type Daemon struct {
 	state       *stateDir   // Config.StateDir, locked; nil without one
 	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
 	handoffLn   *net.UnixListener
-	handoffID   fileID          // the hand-off socket we bound: removed on stop only while the path names it
-	handoffs    sync.WaitGroup  // a hand-off in progress: Serve returns after it
-	accepting   sync.WaitGroup  // accepted connections not yet among d.vms
-	acceptDone  chan struct{}   // closed when Serve's accept loop has ended
-	early       []*net.UnixConn // accepted as a hand-off began, never served here
+	handoffID   fileID         // the hand-off socket we bound: removed on stop only while the path names it
+	handoffs    sync.WaitGroup // a hand-off in progress: Serve returns after it
+	accepting   sync.WaitGroup // accepted connections not yet among d.vms
+	acceptDone  chan struct{}  // closed when Serve's accept loop has ended
+	// acceptPaused: the accept loop stopped for a hand-off; it then waits for handoffOutcome
+	// (true: handed over, it ends; false: it failed, the loop goes on).
+	acceptPaused   chan struct{}
+	handoffOutcome chan bool
+	early          []*net.UnixConn // accepted as a hand-off began, never served here
 
 	mu       sync.Mutex
 	vms      map[*vm]struct{}
@@ -102,7 +106,8 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, snap: snap, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
-		accepted: make(chan struct{}), done: make(chan struct{}), acceptDone: make(chan struct{})}
+		accepted: make(chan struct{}), done: make(chan struct{}), acceptDone: make(chan struct{}),
+		acceptPaused: make(chan struct{}, 1), handoffOutcome: make(chan bool, 1)}
 	if err := d.start(); err != nil {
 		exits.close()
 		closeSrc()
@@ -110,6 +115,9 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	return d, nil
 }
+
+// errHandingOver stands for an accept's result while a hand-off stops the accept loop.
+var errHandingOver = errors.New("handing over")
 
 // start listens, or takes the listener over, and recovers the VMs of the state directory.
 func (d *Daemon) start() error {
@@ -142,6 +150,9 @@ func (d *Daemon) start() error {
 			d.log.Warn("takeover: no live daemon to take over from; recovering the VMs of the state directory", "err", err)
 			hs, err = nil, nil
 		} else {
+			if testHookTakeover != nil {
+				testHookTakeover()
+			}
 			if hs.socket != d.path {
 				d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
 				d.path = hs.socket
@@ -207,22 +218,29 @@ func (d *Daemon) Serve() error {
 	go d.exits.run()
 	for {
 		c, aerr := d.ln.AcceptUnix()
+		if aerr == nil && d.handingOver.Load() {
+			// Accepted as the hand-off began: it goes to the successor with the VMs (a VMM
+			// connecting during a hand-off is never refused).
+			d.mu.Lock()
+			d.early = append(d.early, c)
+			d.mu.Unlock()
+			aerr = errHandingOver
+		}
 		if aerr != nil {
-			if d.draining.Load() || d.handingOver.Load() {
+			if d.handingOver.Load() && !d.draining.Load() {
+				d.acceptPaused <- struct{}{}
+				if <-d.handoffOutcome {
+					break
+				}
+				continue // the hand-off failed: this daemon serves on
+			}
+			if d.draining.Load() {
 				break
 			}
 			if ne, ok := aerr.(net.Error); ok && ne.Timeout() {
 				continue
 			}
 			err = fmt.Errorf("daemon: accept: %w", aerr)
-			break
-		}
-		if d.handingOver.Load() {
-			// Accepted as the hand-off began: it goes to the successor with the VMs (a VMM
-			// connecting during a hand-off is never refused).
-			d.mu.Lock()
-			d.early = append(d.early, c)
-			d.mu.Unlock()
 			break
 		}
 		d.wg.Add(1)

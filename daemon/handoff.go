@@ -27,9 +27,9 @@ import (
 // fds, says done, and the old daemon's Serve returns.
 
 type handoffMsg struct {
-	Op     string `json:"op"`               // takeover, listener, vm, end, done, abort
+	Op     string `json:"op"`               // takeover, listener, vm, conn, end, done, abort
 	Socket string `json:"socket,omitempty"` // listener: the serve socket's path
-	VM     int64  `json:"vm,omitempty"`     // vm: its id in the old daemon (the state files')
+	VM     string `json:"vm,omitempty"`     // vm: its state files' key (stateMeta.key); "" if it has none
 	Conn   bool   `json:"conn,omitempty"`   // vm: the connection follows the pidfd
 	UFFDs  int    `json:"uffds,omitempty"`  // vm: that many uffds follow, one per engine in order
 	Err    string `json:"err,omitempty"`    // abort
@@ -50,11 +50,15 @@ type handoffSet struct {
 	socket string
 	ln     *net.UnixListener
 	lock   *os.File
-	vms    map[int64]*handedVM
-	early  []*net.UnixConn // connections accepted by the old daemon but never served
+	vms    map[string]*handedVM // by state files' key; "" for VMs without files
+	early  []*net.UnixConn      // connections accepted by the old daemon but never served
 }
 
 const handoffTimeout = 30 * time.Second
+
+// testHookTakeover, if set (by tests only), runs in a successor once it has received
+// everything, before it resumes a VM: a test makes the successor die there.
+var testHookTakeover func()
 
 func sendHandoff(c *net.UnixConn, m handoffMsg, fds ...int) error {
 	b, _ := json.Marshal(m)
@@ -128,7 +132,7 @@ func (d *Daemon) listenHandoff() error {
 		return fmt.Errorf("daemon: hand-off socket: %w", err)
 	}
 	d.handoffLn, d.handoffID = ln, id
-	go d.acceptHandoffs()
+	go d.acceptHandoffs(ln)
 	return nil
 }
 
@@ -143,11 +147,11 @@ func (d *Daemon) closeHandoff() {
 	}
 }
 
-// acceptHandoffs serves successors until the socket closes; the first hand-off that goes
-// through ends this daemon.
-func (d *Daemon) acceptHandoffs() {
+// acceptHandoffs serves successors on ln until it closes; the first hand-off that goes through
+// ends this daemon.
+func (d *Daemon) acceptHandoffs(ln *net.UnixListener) {
 	for {
-		c, err := d.handoffLn.AcceptUnix()
+		c, err := ln.AcceptUnix()
 		if err != nil {
 			return
 		}
@@ -176,16 +180,28 @@ func (d *Daemon) acceptHandoffs() {
 			c.Close()
 			continue
 		}
+		pidfd, _, err := peerPidfd(c, cred.Pid)
+		if err != nil {
+			d.handingOver.Store(false)
+			c.Close()
+			continue
+		}
 		d.handoffs.Add(1)
-		d.handOver(c, cred.Pid)
+		done := d.handOver(c, cred.Pid, pidfd)
 		d.handoffs.Done()
 		c.Close()
-		return
+		unix.Close(pidfd)
+		if done {
+			return
+		}
 	}
 }
 
-// handOver gives everything to the successor on c.
-func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
+// handOver gives everything to the successor on c (succPidfd names it) and reports whether it
+// went: then this daemon drains and Serve returns. If the hand-off fails after the VMs
+// stopped and the successor is gone, this daemon takes them back from the state directory and
+// serves on (takeBack).
+func (d *Daemon) handOver(c *net.UnixConn, succ int32, succPidfd int) bool {
 	start := time.Now()
 	d.log.Info("hand-off: a successor takes over", "successor_pid", succ, "live", d.Live())
 	lf, err := d.ln.File() // a copy: ours is closed when Serve returns
@@ -193,12 +209,18 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
 		d.log.Error("hand-off: listener", "err", err)
 		sendHandoff(c, handoffMsg{Op: "abort", Err: err.Error()})
 		d.handingOver.Store(false)
-		return
+		return false
 	}
 	defer lf.Close()
-	// Stop accepting: the accept loop sees handingOver at its deadline.
+	// Stop accepting: the accept loop sees handingOver at its deadline and pauses (or it ended:
+	// a drain).
 	d.ln.SetDeadline(time.Unix(1, 0))
-	<-d.acceptDone
+	paused := false
+	select {
+	case <-d.acceptPaused:
+		paused = true
+	case <-d.acceptDone:
+	}
 	d.accepting.Wait()
 	d.mu.Lock()
 	vms := make([]*vm, 0, len(d.vms))
@@ -221,7 +243,13 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
 			v.mu.Unlock()
 			continue
 		}
-		o := out{v: v, msg: handoffMsg{Op: "vm", VM: v.id}}
+		// Named as its state files name it (the id of the daemon that wrote them, which may
+		// be a predecessor's), so that the successor pairs the fds with the files.
+		var key string
+		if len(v.states) > 0 {
+			key = v.states[0].meta.key()
+		}
+		o := out{v: v, msg: handoffMsg{Op: "vm", VM: key}}
 		fd, err := unix.FcntlInt(uintptr(v.pidfd), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
 			v.mu.Unlock()
@@ -272,11 +300,14 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
 		}
 		closeFDs(o.fds)
 	}
+	var unsent []*net.UnixConn
 	for _, ec := range early {
+		if err != nil {
+			unsent = append(unsent, ec)
+			continue
+		}
 		if fd := connFD(ec); fd >= 0 {
-			if err == nil {
-				err = sendHandoff(c, handoffMsg{Op: "vm", Conn: true}, fd)
-			}
+			err = sendHandoff(c, handoffMsg{Op: "vm", Conn: true}, fd)
 			unix.Close(fd)
 		}
 		ec.Close()
@@ -294,13 +325,58 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32) {
 		}
 	}
 	if err != nil {
-		// The VMs are stopped and their state files stay: a daemon started on the state
-		// directory recovers them (as after a crash).
-		d.log.Error("hand-off failed after the VMs stopped: start faultline serve on the state directory to recover them", "err", err)
+		d.log.Error("hand-off failed after the VMs stopped", "err", err)
+		if d.takeBack(succPidfd, unsent) {
+			if paused {
+				d.handoffOutcome <- false
+			}
+			return false
+		}
+		// Their state files stay: a daemon started on the state directory recovers them.
+		d.log.Error("the VMs are not served: start faultline serve on the state directory to recover them")
 	} else {
 		d.log.Info("hand-off done: exiting", "vms", len(outs), "stopped_in", stopped, "took", time.Since(start))
 	}
+	for _, ec := range unsent {
+		ec.Close()
+	}
 	d.draining.Store(true)
+	if paused {
+		d.handoffOutcome <- true
+	}
+	return true
+}
+
+// takeBack serves again the VMs of a hand-off that failed after they stopped, once the
+// successor is gone (its pidfd readable within handoffTimeout): a successor still alive might
+// be serving them, and two daemons must never serve one uffd. They come back from the state
+// directory as after a crash; connections accepted meanwhile are served here.
+func (d *Daemon) takeBack(succPidfd int, unsent []*net.UnixConn) bool {
+	pfd := []unix.PollFd{{Fd: int32(succPidfd), Events: unix.POLLIN}}
+	deadline := time.Now().Add(handoffTimeout)
+	for {
+		n, err := unix.Poll(pfd, int(time.Until(deadline)/time.Millisecond))
+		if n > 0 {
+			break
+		}
+		if (err != nil && err != unix.EINTR) || time.Now().After(deadline) {
+			d.log.Error("hand-off: the successor is still running: not taking the VMs back")
+			return false
+		}
+	}
+	d.handingOver.Store(false)
+	d.ln.SetDeadline(time.Time{})
+	// The successor may have bound its hand-off socket over ours, and removed it.
+	d.closeHandoff()
+	if err := d.listenHandoff(); err != nil {
+		d.log.Error("hand-off socket", "err", err)
+	}
+	if err := d.recoverVMs(nil); err != nil {
+		d.log.Error("taking the VMs back", "err", err)
+	}
+	d.adoptHanded(&handoffSet{early: unsent})
+	d.log.Warn("hand-off failed: the VMs are served here again", "live", d.Live())
+	return true
 }
 
 // takeover asks the daemon owning the state directory for everything (the successor's side).
@@ -314,7 +390,7 @@ func takeover(dir, source string) (*handoffSet, error) {
 		c.Close()
 		return nil, fmt.Errorf("daemon: takeover: %w", err)
 	}
-	hs := &handoffSet{c: c, vms: map[int64]*handedVM{}}
+	hs := &handoffSet{c: c, vms: map[string]*handedVM{}}
 	for {
 		m, fds, err := recvHandoff(c)
 		if err != nil {
@@ -344,21 +420,23 @@ func takeover(dir, source string) (*handoffSet, error) {
 			hs.ln.SetUnlinkOnClose(false)
 			hs.lock = os.NewFile(uintptr(fds[1]), filepath.Join(dir, lockName))
 			hs.socket = m.Socket
+		case "conn": // a connection accepted but not served yet
+			if len(fds) == 1 {
+				if c, err := fileConn(fds[0]); err == nil {
+					hs.early = append(hs.early, c)
+				}
+			} else {
+				closeFDs(fds)
+			}
 		case "vm":
 			want := 1 + m.UFFDs
-			if m.Conn && m.VM != 0 {
+			if m.Conn {
 				want++
 			}
 			if len(fds) != want {
 				closeFDs(fds)
 				hs.release()
-				return nil, fmt.Errorf("daemon: takeover: vm %d: %d fds, want %d", m.VM, len(fds), want)
-			}
-			if m.VM == 0 { // a connection accepted but not served yet
-				if c, err := fileConn(fds[0]); err == nil {
-					hs.early = append(hs.early, c)
-				}
-				continue
+				return nil, fmt.Errorf("daemon: takeover: vm %q: %d fds, want %d", m.VM, len(fds), want)
 			}
 			hv := &handedVM{pidfd: fds[0]}
 			rest := fds[1:]
@@ -369,6 +447,15 @@ func takeover(dir, source string) (*handoffSet, error) {
 				rest = rest[1:]
 			}
 			hv.uffds = rest
+			if m.VM == "" {
+				// No handshake yet, so no state file: its connection is served afresh.
+				unix.Close(hv.pidfd)
+				closeFDs(hv.uffds)
+				if hv.conn != nil {
+					hs.early = append(hs.early, hv.conn)
+				}
+				continue
+			}
 			hs.vms[m.VM] = hv
 		case "end":
 			closeFDs(fds)

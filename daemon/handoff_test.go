@@ -265,3 +265,37 @@ func TestOtherSnapshotRefused(t *testing.T) {
 	}
 	waitProbe(t, pc)
 }
+
+// A hand-off that fails after the old daemon stopped its VMs — the successor dies once it has
+// received everything — ends with the old daemon serving them again (taken back from the state
+// directory): the storm goes on, every byte right, and a later takeover goes through.
+func TestTakeoverFailsVMsTakenBack(t *testing.T) {
+	spec := crashSpec(t)
+	a, v, s := underLoad(t, spec, 1500)
+	time.Sleep(300 * time.Millisecond)
+	dying := spec
+	dying.Takeover, dying.DieInTakeover = true, true
+	if _, err := startDaemon(t, dying); err == nil {
+		t.Fatal("the dying successor started")
+	}
+	waitUntil(t, "the old daemon to take its VMs back", func() bool {
+		return strings.Contains(a.stderr.String(), "the VMs are served here again")
+	})
+	select {
+	case <-a.exited:
+		t.Fatalf("the old daemon exited after a failed hand-off: %v", a.err)
+	default:
+	}
+	waitProbe(t, probe(t, v, 0))
+	r := s.wait(t, 2*time.Minute)
+	t.Logf("storm across the failed hand-off: %d reads, %d faults, slowest %v", r.Reads, r.Faults, r.Slowest)
+	spec.Takeover = true
+	b, err := startDaemon(t, spec)
+	if err != nil {
+		t.Fatalf("a takeover after the failed one: %v", err)
+	}
+	if err := a.wait(20 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	exitReport(t, v, b, "taken over")
+}

@@ -29,6 +29,7 @@ const envTestDaemon = "FAULTLINE_TEST_DAEMON"
 type daemonSpec struct {
 	Socket, MemFile, StateDir string
 	Takeover                  bool
+	DieInTakeover             bool // exit(3) once everything is received, before resuming a VM
 }
 
 // testDaemonMain runs a daemon when this process was started as one, and exits: it prints READY
@@ -43,6 +44,9 @@ func testDaemonMain() {
 	if err := json.Unmarshal([]byte(js), &s); err != nil {
 		fmt.Println("ERROR", err)
 		os.Exit(2)
+	}
+	if s.DieInTakeover {
+		daemon.SetTestHookTakeover(func() { os.Exit(3) })
 	}
 	out := make(chan string, 64)
 	cfg := daemon.Config{Socket: s.Socket, MemFile: s.MemFile, StateDir: s.StateDir, Takeover: s.Takeover,

@@ -5,6 +5,9 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -100,15 +103,10 @@ func (d *Daemon) recoverVMs(handed *handoffSet) error {
 			}
 		}
 	}
-	type key struct {
-		pid   int
-		start uint64
-		vm    int64
-	}
-	groups := map[key][]*stateFile{}
-	var order []key
+	groups := map[string][]*stateFile{}
+	var order []string
 	for _, sf := range files {
-		k := key{sf.meta.Pid, sf.meta.StartTime, sf.meta.VM}
+		k := sf.meta.key()
 		if groups[k] == nil {
 			order = append(order, k)
 		}
@@ -134,7 +132,12 @@ func (d *Daemon) recoverVM(files []*stateFile, handed *handoffSet) {
 	var pidfd int
 	var hv *handedVM
 	if handed != nil {
-		hv = handed.vms[m.VM]
+		hv = handed.vms[m.key()]
+		if hv != nil && pidfdPid(hv.pidfd) != m.Pid {
+			// Not the VMM the files name: pair nothing by mistake; take it from the VMM.
+			log.Warn("hand-off: the pidfd received is not the state file's VMM's")
+			hv = nil
+		}
 	}
 	if hv != nil {
 		origin, pidfd = originTakenOver, hv.pidfd
@@ -240,6 +243,22 @@ func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
 	return nil
 }
 
+// pidfdPid is the pid a pidfd names (its fdinfo's Pid line), or -1.
+func pidfdPid(pidfd int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", pidfd))
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Pid:"); ok {
+			if n, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
 // newVMFrom makes a VM this daemon did not see connect.
 func newVMFrom(d *Daemon, id int64, pid int, uid uint32, pidfd int, origin string) *vm {
 	return &vm{d: d, id: id, pid: pid, uid: uid, pidfd: pidfd, pidfdBy: "pidfd_open (" + origin + ")",
@@ -247,18 +266,11 @@ func newVMFrom(d *Daemon, id int64, pid int, uid uint32, pidfd int, origin strin
 		log: d.log.With("vm", id, "pid", pid)}
 }
 
-// adoptHanded serves what a predecessor handed over beyond its state files: connections it
-// accepted but never served, and VMs still without a handshake (they have no state file).
+// adoptHanded serves the connections a predecessor handed over beyond its state files: accepted
+// but never served, or of VMs still without a handshake (they have no state file).
 func (d *Daemon) adoptHanded(hs *handoffSet) {
 	conns := hs.early
 	hs.early = nil
-	for _, hv := range hs.vms {
-		if !hv.used && hv.conn != nil && len(hv.uffds) == 0 {
-			hv.used = true
-			unix.Close(hv.pidfd) // taken again from the connection, as for any VMM
-			conns = append(conns, hv.conn)
-		}
-	}
 	for _, c := range conns {
 		d.wg.Add(1)
 		d.accepting.Add(1)

@@ -40,7 +40,8 @@ const (
 
 // stateMeta is the metadata of one engine's state file.
 type stateMeta struct {
-	VM        int64         `json:"vm"`        // the VM's id in the daemon that created the file
+	Gen       int64         `json:"gen"`       // the daemon that created the file (its start, ns)
+	VM        int64         `json:"vm"`        // the VM's id in that daemon
 	Handshake int           `json:"handshake"` // which of the VM's handshakes (0 first)
 	Pid       int           `json:"pid"`
 	StartTime uint64        `json:"start_time"` // of the VMM process (/proc/PID/stat), against pid reuse
@@ -66,6 +67,9 @@ type stateFile struct {
 	map_    []byte // the whole file, mapped shared
 	durable []byte // the engine's part of it
 }
+
+// key names the VM of the file in this state directory, across daemons: its hand-off key.
+func (m *stateMeta) key() string { return fmt.Sprintf("%d-%d", m.Gen, m.VM) }
 
 func (m *stateMeta) engineRegions(d *Daemon) []engine.Region {
 	rs := make([]engine.Region, len(m.Regions))
@@ -122,6 +126,7 @@ func (s *stateDir) close() {
 
 // create writes the state file of one engine, its durable memory zero, and maps it.
 func (s *stateDir) create(meta stateMeta, regions []engine.Region) (*stateFile, error) {
+	meta.Gen = s.gen
 	mj, err := json.Marshal(meta)
 	if err != nil {
 		return nil, err
@@ -136,7 +141,7 @@ func (s *stateDir) create(meta stateMeta, regions []engine.Region) (*stateFile, 
 	binary.LittleEndian.PutUint32(hdr[16:], crc32.Checksum(mj, crcTable))
 	binary.LittleEndian.PutUint64(hdr[20:], uint64(off))
 	binary.LittleEndian.PutUint32(hdr[28:], uint32(dlen))
-	name := fmt.Sprintf("vm-%d-%d-%d%s", s.gen, meta.VM, meta.Handshake, stateSuffix)
+	name := fmt.Sprintf("vm-%d-%d-%d%s", meta.Gen, meta.VM, meta.Handshake, stateSuffix)
 	path := filepath.Join(s.dir, name)
 	tmp := filepath.Join(s.dir, "."+name+".tmp")
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
