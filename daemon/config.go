@@ -64,6 +64,15 @@ type Config struct {
 	Logger *slog.Logger
 	// OnVMEnd, if set, is called with each VM's final report.
 	OnVMEnd func(Report)
+	// StateDir, if set, is a directory (best on tmpfs, such as /run/faultline) where the daemon
+	// keeps, per VM, what a successor needs to serve it: a daemon started on the same StateDir
+	// after this one died (kill -9, a crash) serves again every VM whose VMM still runs, and one
+	// started with Takeover takes every VM over from a live predecessor. One daemon at a time
+	// owns the directory (a lock). Without it, the VMs of a daemon that dies hang until killed.
+	StateDir string
+	// Takeover makes New take the listening socket and every live VM over from the daemon that
+	// owns StateDir, which then exits (a live upgrade), instead of listening itself.
+	Takeover bool
 }
 
 // Report is what the daemon logs when a VM goes.
@@ -87,7 +96,15 @@ type Report struct {
 	// P50 and P99 are estimates: interpolated within the power-of-two buckets of the latency
 	// histogram (engine.Histogram.Quantile).
 	P50, P99 time.Duration
+	// Origin is how this daemon came to serve the VM: "" when it connected to it, "recovered"
+	// from the state directory after the previous daemon died, or "taken over" from the
+	// previous daemon in a live hand-off. A VM this daemon handed over ends with Cause
+	// CauseHandedOver; its successor reports the rest of its life.
+	Origin string
 }
+
+// CauseHandedOver is the end cause of a VM handed over to a successor daemon (Config.Takeover).
+const CauseHandedOver = "handed over to the next daemon"
 
 // Summary is the daemon's running totals over every VM served since start.
 type Summary struct {

@@ -31,6 +31,19 @@ type Daemon struct {
 
 	warnedPidfd atomic.Bool
 
+	state       *stateDir   // Config.StateDir, locked; nil without one
+	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
+	handoffLn   *net.UnixListener
+	handoffID   fileID         // the hand-off socket we bound: removed on stop only while the path names it
+	handoffs    sync.WaitGroup // a hand-off in progress: Serve returns after it
+	accepting   sync.WaitGroup // accepted connections not yet among d.vms
+	acceptDone  chan struct{}  // closed when Serve's accept loop has ended
+	// acceptPaused: the accept loop stopped for a hand-off; it then waits for handoffOutcome
+	// (true: handed over, it ends; false: it failed, the loop goes on).
+	acceptPaused   chan struct{}
+	handoffOutcome chan bool
+	early          []*net.UnixConn // accepted as a hand-off began, never served here
+
 	mu       sync.Mutex
 	vms      map[*vm]struct{}
 	finished totals // of VMs that ended, for metrics
@@ -93,13 +106,96 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Logger, src: src, snap: snap, path: cfg.Socket, exits: exits, vms: map[*vm]struct{}{},
-		accepted: make(chan struct{}), done: make(chan struct{})}
-	if err := d.listen(); err != nil {
+		accepted: make(chan struct{}), done: make(chan struct{}), acceptDone: make(chan struct{}),
+		acceptPaused: make(chan struct{}, 1), handoffOutcome: make(chan bool, 1)}
+	if err := d.start(); err != nil {
 		exits.close()
 		closeSrc()
 		return nil, err
 	}
 	return d, nil
+}
+
+// errHandingOver stands for an accept's result while a hand-off stops the accept loop.
+var errHandingOver = errors.New("handing over")
+
+// start listens, or takes the listener over, and recovers the VMs of the state directory.
+func (d *Daemon) start() error {
+	dir := d.cfg.StateDir
+	if dir == "" {
+		if d.cfg.Takeover {
+			return errors.New("daemon: a takeover needs the state directory of the daemon to take over from (StateDir, --state-dir)")
+		}
+		return d.listen()
+	}
+	if _, err := d.sourceIdentity(); err != nil {
+		return err
+	}
+	gen := time.Now().UnixNano()
+	var hs *handoffSet
+	var st *stateDir
+	var err error
+	if d.cfg.Takeover {
+		src, serr := d.sourceIdentity()
+		if serr != nil {
+			return serr
+		}
+		if hs, err = takeover(dir, src); err != nil {
+			// No live daemon to take over from (none ran, or it died during the hand-off): with
+			// the directory's lock free, its VMs are recovered as after a crash.
+			var lerr error
+			if st, lerr = openStateDir(dir, nil, gen); lerr != nil {
+				return errors.Join(err, lerr)
+			}
+			d.log.Warn("takeover: no live daemon to take over from; recovering the VMs of the state directory", "err", err)
+			hs, err = nil, nil
+		} else {
+			if testHookTakeover != nil {
+				testHookTakeover()
+			}
+			if hs.socket != d.path {
+				d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
+				d.path = hs.socket
+			}
+			id, _ := statID(d.path)
+			d.ln = &Listener{UnixListener: hs.ln, path: d.path, id: id}
+			st, err = openStateDir(dir, hs.lock, gen)
+		}
+	} else {
+		st, err = openStateDir(dir, nil, gen)
+	}
+	if err == nil {
+		d.state = st
+		if hs == nil {
+			err = d.listen()
+		}
+	}
+	if err == nil {
+		err = d.listenHandoff()
+	}
+	if err == nil {
+		err = d.recoverVMs(hs)
+	}
+	if err != nil {
+		if hs != nil {
+			hs.release()
+			hs.finish(err)
+		}
+		if d.handoffLn != nil {
+			d.closeHandoff()
+		}
+		if d.ln != nil {
+			d.ln.Close()
+		}
+		st.close()
+		return err
+	}
+	if hs != nil {
+		d.adoptHanded(hs)
+		hs.release()
+		hs.finish(nil)
+	}
+	return nil
 }
 
 // listen listens on the configured socket (see Listen).
@@ -122,7 +218,22 @@ func (d *Daemon) Serve() error {
 	go d.exits.run()
 	for {
 		c, aerr := d.ln.AcceptUnix()
+		if aerr == nil && d.handingOver.Load() {
+			// Accepted as the hand-off began: it goes to the successor with the VMs (a VMM
+			// connecting during a hand-off is never refused).
+			d.mu.Lock()
+			d.early = append(d.early, c)
+			d.mu.Unlock()
+			aerr = errHandingOver
+		}
 		if aerr != nil {
+			if d.handingOver.Load() && !d.draining.Load() {
+				d.acceptPaused <- struct{}{}
+				if <-d.handoffOutcome {
+					break
+				}
+				continue // the hand-off failed: this daemon serves on
+			}
 			if d.draining.Load() {
 				break
 			}
@@ -133,17 +244,22 @@ func (d *Daemon) Serve() error {
 			break
 		}
 		d.wg.Add(1)
+		d.accepting.Add(1)
 		go func() {
 			defer d.wg.Done()
 			d.handle(c)
 		}()
 	}
+	close(d.acceptDone)
+	d.handoffs.Wait()
 	d.stopListening()
 	d.wg.Wait()
+	d.closeHandoff()
 	d.exits.close()
 	if d.cfg.Source == nil {
 		d.src.Close()
 	}
+	d.state.close()
 	close(d.done)
 	return err
 }
@@ -160,8 +276,10 @@ func (d *Daemon) Drain() {
 func (d *Daemon) stopListening() {
 	d.draining.Store(true)
 	d.ln.Close()
-	// Our socket, not a successor's (Listener.Remove).
-	d.ln.Remove()
+	// Our socket, not a successor's (Listener.Remove); after a hand-off it is the successor's.
+	if !d.handingOver.Load() {
+		d.ln.Remove()
+	}
 }
 
 // Close stops serving every VM now (applying the failure policy: a VM left without a handler
@@ -195,6 +313,8 @@ func (d *Daemon) allowed(uid uint32) bool {
 }
 
 func (d *Daemon) handle(c *net.UnixConn) {
+	registered := sync.OnceFunc(d.accepting.Done)
+	defer registered()
 	cred, err := firecracker.PeerCred(c)
 	if err != nil {
 		d.log.Error("peer credentials", "err", err)
@@ -221,12 +341,20 @@ func (d *Daemon) handle(c *net.UnixConn) {
 	v := newVM(d, d.nextID, c, cred, pidfd, how)
 	d.vms[v] = struct{}{}
 	d.mu.Unlock()
+	registered()
+	d.runVM(v)
+}
+
+// runVM serves v, one of d.vms, until it ends, then reports it.
+func (d *Daemon) runVM(v *vm) {
 	v.run()
 	d.mu.Lock()
 	delete(d.vms, v)
 	d.finished.add(v.totals())
 	d.mu.Unlock()
-	v.saveRecording()
+	if !v.handedOver {
+		v.saveRecording() // a partial recording of a VM that lives on elsewhere would be wrong
+	}
 	rep := v.report()
 	d.log.Info("VM ended", rep.logAttrs()...)
 	if d.cfg.OnVMEnd != nil {

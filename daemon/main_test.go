@@ -11,5 +11,6 @@ import (
 
 func TestMain(m *testing.M) {
 	puppet.Main()
+	testDaemonMain() // a daemon of its own in a separate process, for the crash and hand-off tests
 	os.Exit(m.Run())
 }

@@ -15,6 +15,9 @@ func (r Report) logAttrs() []any {
 	if r.Failure != "" {
 		a = append(a, "failure", r.Failure)
 	}
+	if r.Origin != "" {
+		a = append(a, "origin", r.Origin)
+	}
 	if r.Prefetched > 0 {
 		a = append(a, "prefetched", r.Prefetched, "prefetch_time", r.PrefetchTime.Round(time.Microsecond))
 	}
@@ -108,6 +111,7 @@ func (v *vm) report() Report {
 	if v.version != 0 {
 		r.Version = v.version.String()
 	}
+	r.Origin = v.origin
 	r.Prefetched = t.pagesPrefetched
 	for _, e := range v.engines {
 		r.PrefetchTime = max(r.PrefetchTime, e.PrefetchTotals().Duration)

@@ -41,6 +41,15 @@ type vm struct {
 	regions    int
 	failure    error
 	endCause   string
+	// origin is how this daemon came to serve the VM: "" (its handshake), originRecovered or
+	// originTakenOver; states are its engines' state files (Config.StateDir), and handedOver
+	// says the VM went to a successor, which owns those files now.
+	origin     string
+	states     []*stateFile
+	handedOver bool
+	uffds      []int         // our number of each engine's uffd, valid while the engine runs
+	reading    chan struct{} // closed when the handshake reader has returned
+	released   chan struct{} // closed when run has released everything
 	wg         sync.WaitGroup
 	ended      chan struct{}
 	once       sync.Once
@@ -51,7 +60,7 @@ type vm struct {
 func newVM(d *Daemon, id int64, c *net.UnixConn, cred *unix.Ucred, pidfd int, pidfdBy string) *vm {
 	return &vm{
 		d: d, id: id, conn: c, pid: int(cred.Pid), uid: cred.Uid, pidfd: pidfd, pidfdBy: pidfdBy,
-		started: time.Now(), ended: make(chan struct{}),
+		started: time.Now(), ended: make(chan struct{}), reading: make(chan struct{}), released: make(chan struct{}),
 		log: d.log.With("vm", id, "pid", cred.Pid),
 	}
 }
@@ -59,10 +68,34 @@ func newVM(d *Daemon, id int64, c *net.UnixConn, cred *unix.Ucred, pidfd int, pi
 // run serves the VM until it is gone, then releases everything. It is the VM's only goroutine
 // besides its engines': exits are watched by the daemon's exitWatcher.
 func (v *vm) run() {
-	v.log.Info("VMM connected", "uid", v.uid, "pidfd", v.pidfdBy)
+	if v.origin == "" {
+		v.log.Info("VMM connected", "uid", v.uid, "pidfd", v.pidfdBy)
+	}
 	if err := v.d.exits.watch(v); err != nil {
 		v.fail(err)
 	}
+	if v.conn != nil {
+		v.readHandshakes()
+	}
+	close(v.reading)
+	// Wait for the end: the pidfd (exit), an engine that ended, a failure, Close or a hand-off.
+	<-v.ended
+	v.d.exits.unwatch(v)
+	v.stopEngines()
+	v.wg.Wait()
+	if v.conn != nil {
+		v.conn.Close()
+	}
+	v.mu.Lock()
+	unix.Close(v.pidfd)
+	v.pidfd = -1
+	v.mu.Unlock()
+	v.releaseStates()
+	close(v.released)
+}
+
+// readHandshakes serves the handshakes of the VM's connection until it ends.
+func (v *vm) readHandshakes() {
 	hs := firecracker.NewConn(v.conn, firecracker.Limits{
 		MaxRegions: v.d.cfg.MaxRegions, FileSize: v.d.src.Size(), HostPageSize: uintptr(unix.Getpagesize()),
 	})
@@ -71,7 +104,7 @@ func (v *vm) run() {
 		h, err := hs.Next()
 		if err != nil {
 			switch {
-			case v.isEnded(): // the read was cut short by end
+			case v.isEnded(), v.d.handingOver.Load(): // the read was cut short by end or a hand-off
 			case errors.Is(err, io.EOF):
 				switch {
 				case v.version == 0:
@@ -99,16 +132,6 @@ func (v *vm) run() {
 			break
 		}
 	}
-	// Wait for the end: the pidfd (exit), an engine that ended, a failure, or Close.
-	<-v.ended
-	v.d.exits.unwatch(v)
-	v.stopEngines()
-	v.wg.Wait()
-	v.conn.Close()
-	v.mu.Lock()
-	unix.Close(v.pidfd)
-	v.pidfd = -1
-	v.mu.Unlock()
 }
 
 func (v *vm) isEnded() bool {
@@ -125,11 +148,16 @@ func (v *vm) end(cause string) {
 	v.once.Do(func() {
 		v.mu.Lock()
 		v.endCause = cause
+		handed := v.handedOver
 		v.mu.Unlock()
 		close(v.ended)
 		// Unblock the handshake reader for good: a read deadline would be reset by its next
-		// read, a shut-down read side keeps returning EOF.
-		v.conn.CloseRead()
+		// read, a shut-down read side keeps returning EOF. Not for a VM handed over: the
+		// socket is the successor's, and shutdown(2) would cut it for it too (the hand-off
+		// stops the reader with a deadline instead, and no more reads follow).
+		if v.conn != nil && !handed {
+			v.conn.CloseRead()
+		}
 	})
 }
 
@@ -183,30 +211,47 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 			}
 		}
 	}
-	opts := v.d.cfg.Engine
+	opts := v.engineOptions()
 	if opts.Record = v.d.cfg.Record && v.d.snap != nil; opts.Record {
 		// One page per fault while recording, as REAP records: a page installed ahead of its
 		// touch never faults, so fault-around would leave it out of the working set.
 		opts.FaultAround = engine.FaultAround{Min: 1, Max: 1}
 	}
-	if opts.Logger == nil {
-		opts.Logger = v.log
-	} else {
-		opts.Logger = opts.Logger.With("vm", v.id, "pid", v.pid)
+	if v.d.state != nil {
+		sf, err := v.createState(h, fd, regions)
+		if err != nil {
+			fd.Close()
+			return err
+		}
+		opts.Durable = sf.durable
 	}
 	e, err := engine.New(fd, regions, opts)
 	if err != nil {
 		fd.Close()
 		return err
 	}
+	v.addEngine(e, fd, len(h.Regions))
 	v.mu.Lock()
-	v.engines = append(v.engines, e)
-	v.handshakes++
 	v.version = h.Version
-	v.regions += len(h.Regions)
 	v.mu.Unlock()
 	v.log.Info("serving", "version", h.Version.String(), "regions", len(h.Regions), "uffd", h.UFFD)
 	v.startWorkingSet(e)
+	v.runEngine(e)
+	return nil
+}
+
+// addEngine counts in an engine of the VM serving its uffd fd (our number) and regions.
+func (v *vm) addEngine(e *engine.Engine, fd *uffd.FD, regions int) {
+	v.mu.Lock()
+	v.engines = append(v.engines, e)
+	v.uffds = append(v.uffds, fd.Fd())
+	v.handshakes++
+	v.regions += regions
+	v.mu.Unlock()
+}
+
+// runEngine runs one of the VM's engines until it ends.
+func (v *vm) runEngine(e *engine.Engine) {
 	v.wg.Add(1)
 	go func() {
 		defer v.wg.Done()
@@ -219,7 +264,17 @@ func (v *vm) serve(h *firecracker.Handshake) error {
 			v.fail(err)
 		}
 	}()
-	return nil
+}
+
+// engineOptions are the options of the VM's engines, logging with the VM's attributes.
+func (v *vm) engineOptions() engine.Options {
+	opts := v.d.cfg.Engine
+	if opts.Logger == nil {
+		opts.Logger = v.log
+	} else {
+		opts.Logger = opts.Logger.With("vm", v.id, "pid", v.pid)
+	}
+	return opts
 }
 
 func (v *vm) stopEngines() {

@@ -35,6 +35,8 @@ func TestRealFirecracker(t *testing.T) {
 	t.Run("three_vms_one_daemon", testSeveral)
 	t.Run("packed_record_then_prefetch", testPackedPrefetch)
 	t.Run("diff_snapshot_over_base", testDiff)
+	t.Run("daemon_killed_restarted", testDaemonKilled)
+	t.Run("daemon_upgraded_takeover", testDaemonUpgraded)
 }
 
 // endVM kills Firecracker with SIGKILL and returns the daemon's report of the VM, which must

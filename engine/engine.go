@@ -67,6 +67,7 @@ type Engine struct {
 
 	rec      *recording // nil unless Options.Record
 	prefetch prefetchCounters
+	journal  []uffd.Msg // the read buffer in durable memory (Options.Durable), or nil
 }
 
 // fault is one fault message and when it was read; a retry keeps the time, so its latency is
@@ -85,9 +86,20 @@ func New(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	e := newEngine(fd, opts)
+	var durable []durableBits
+	if opts.Durable != nil {
+		var err error
+		if e.journal, durable, err = durableLayout(opts.Durable, regions); err != nil {
+			return nil, err
+		}
+	}
 	var t table
-	for _, r := range regions {
+	for i, r := range regions {
 		st := newPageState(r, e.opts.FaultAround)
+		if durable != nil {
+			// Kept as found: a Resume'd engine's are its predecessor's.
+			st.removed, st.installed, st.dirty = durable[i].removed, durable[i].installed, durable[i].dirty
+		}
 		e.states = append(e.states, st)
 		t = append(t, span{base: r.Base, first: 0, n: st.pages, st: st})
 	}

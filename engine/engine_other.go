@@ -56,3 +56,11 @@ func (e *Engine) Prefetch(ctx context.Context, next func() (PageRun, error)) (Pr
 
 // PrefetchTotals returns nothing.
 func (e *Engine) PrefetchTotals() PrefetchStats { return PrefetchStats{} }
+
+// Resume fails with ErrUnsupported on this system.
+func Resume(fd *uffd.FD, regions []Region, opts Options) (*Engine, error) {
+	if err := validate(regions); err != nil {
+		return nil, err
+	}
+	return nil, errNotLinux
+}

@@ -68,7 +68,9 @@ func (e *Engine) fork(fd int, fs forkState) error {
 		unix.Close(fd)
 		return fmt.Errorf("engine: fork event: %w", err)
 	}
-	c := newEngine(cfd, e.opts)
+	opts := e.opts
+	opts.Durable = nil // the parent's; a child keeps nothing durable
+	c := newEngine(cfd, opts)
 	c.states = fs.states
 	c.tab.Store(&fs.tab)
 	if err := c.init(); err != nil {

@@ -43,6 +43,12 @@ type Options struct {
 	// after it started, from the reader's goroutine (no lock held). The child engine runs until
 	// its process is gone or the parent is closed; the parent's Run waits for it.
 	OnFork func(child *Engine)
+	// Durable, if set, is memory of DurableSize(regions) bytes that outlives this process (a
+	// MAP_SHARED mapping of a file on tmpfs, resident), 8-byte aligned and zero for a new
+	// userfaultfd: the engine keeps its page bitmaps (removed, installed, dirty) and its read
+	// buffer there, so that a successor can Resume serving the same userfaultfd without a wrong
+	// byte (see Resume). A forked child's engine keeps nothing durable.
+	Durable []byte
 }
 
 // ErrProcessGone is returned by Run when the process owning the memory exited while faults

@@ -34,10 +34,17 @@ type reader struct {
 	parks      uint
 	pfd        []unix.PollFd
 	locked     bool // PollThread: this goroutine holds its OS thread
+	// journaled is the bytes of the durable journal (msgs, when Options.Durable is set) that
+	// the last read filled: cleared before the next read, so that what a successor finds there
+	// is the last batch read, and nothing older.
+	journaled int
 }
 
 func (e *Engine) newReader() *reader {
-	r := &reader{e: e, in: e.newInstaller(), msgs: make([]uffd.Msg, 64), spin: e.opts.SpinReads}
+	r := &reader{e: e, in: e.newInstaller(), msgs: e.journal, spin: e.opts.SpinReads}
+	if r.msgs == nil {
+		r.msgs = make([]uffd.Msg, JournalMsgs)
+	}
 	r.readFn = r.readLocked
 	r.pfd = []unix.PollFd{{Fd: int32(e.fd.Fd()), Events: unix.POLLIN}}
 	return r
@@ -192,6 +199,11 @@ func (r *reader) readLocked(fd uintptr) bool {
 func (r *reader) readHeld(fd uintptr) (got, again bool) {
 	e := r.e
 	buf := unsafe.Slice(&r.msgs[0][0], len(r.msgs)*uffd.MsgSize)
+	if r.journaled > 0 {
+		// The last batch was applied and served (faults are copied out of msgs): forget it.
+		clear(buf[:r.journaled])
+		r.journaled = 0
+	}
 	n, err := unix.Read(int(fd), buf)
 	switch err {
 	case nil:
@@ -207,6 +219,9 @@ func (r *reader) readHeld(fd uintptr) (got, again bool) {
 		return true, false
 	}
 	r.n = n / uffd.MsgSize
+	if e.journal != nil {
+		r.journaled = n
+	}
 	r.at = time.Now()
 	r.readErr = r.applyEvents()
 	e.mu.Unlock()
@@ -222,14 +237,8 @@ func (r *reader) applyEvents() error {
 		m := &r.msgs[i]
 		switch m.Event() {
 		case uffd.EventPagefault:
-		case uffd.EventRemove:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-		case uffd.EventUnmap:
-			rg := m.Range()
-			e.remove(rg.Start, rg.End)
-			t := e.tab.Load().without(rg.Start, rg.End)
-			e.tab.Store(&t)
+		case uffd.EventRemove, uffd.EventUnmap:
+			e.applyRemoval(m)
 		case uffd.EventRemap:
 			rm := m.Remap()
 			t := e.tab.Load().moved(rm.From, rm.To, rm.Len)
@@ -287,6 +296,17 @@ func (r *reader) serveBatch() error {
 		}
 	}
 	return nil
+}
+
+// applyRemoval applies a REMOVE or UNMAP message: its pages read zeros from now on, and an
+// UNMAP's are no longer ours.
+func (e *Engine) applyRemoval(m *uffd.Msg) {
+	rg := m.Range()
+	e.remove(rg.Start, rg.End)
+	if m.Event() == uffd.EventUnmap {
+		t := e.tab.Load().without(rg.Start, rg.End)
+		e.tab.Store(&t)
+	}
 }
 
 // remove marks [start, end) removed: its pages read as zeros from now on.

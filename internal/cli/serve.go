@@ -47,7 +47,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		"the snapshot; a later serve of that snapshot prefetches it into every VM from its handshake.\n\n"+
 		"With --control it serves a fleet: VMs bound to UFFD sockets and snapshots through the control\n"+
 		"API on that socket (faultline vm create|ls|rm), --cache-size bounding the chunk cache memory\n"+
-		"of all packed snapshots together; a --socket given too is the binding \"default\".", stderr)
+		"of all packed snapshots together; a --socket given too is the binding \"default\".\n\n"+
+		"With --state-dir DIR (on tmpfs, e.g. /run/faultline) it keeps each VM's state there: after a\n"+
+		"crash, a daemon started on DIR serves again every VM still running (root: it takes each\n"+
+		"VM's userfaultfd back with pidfd_getfd). An upgrade starts the new binary with --takeover\n"+
+		"--state-dir DIR: it takes the socket and every VM over from the running daemon, which\n"+
+		"exits (with no live daemon there, it recovers DIR's VMs as after a crash). Without\n"+
+		"--state-dir, the VMs of a daemon that dies hang until killed.", stderr)
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot: a directory from faultline pack, or s3://BUCKET/PREFIX from faultline push (this or --mem-file)")
@@ -69,6 +75,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	maxRegions := fs.Int("max-regions", 4096, "most regions one handshake may carry")
 	timeout := fs.Duration("handshake-timeout", 5*time.Second, "how long a started handshake may take")
 	maxHandshakes := fs.Int("max-handshakes", 8, "most handshakes one connection may send (Firecracker sends one)")
+	stateDir := fs.String("state-dir", "", "keep each VM's state here (tmpfs, e.g. /run/faultline): a daemon restarted on it after a crash serves the VMs again")
+	takeover := fs.Bool("takeover", false, "take the socket and every VM over from the daemon running on --state-dir, which then exits (a live upgrade)")
 	fl := fleetFlags(fs)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
@@ -78,6 +86,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	} else if *socket == "" || (*memFile == "") == (*snapDir == "") || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "faultline serve: --socket and one of --mem-file or --snapshot are required, and nothing else")
 		fs.Usage()
+		return 2
+	}
+	if *takeover && *stateDir == "" {
+		fmt.Fprintln(stderr, "faultline serve: --takeover needs --state-dir (the running daemon's)")
 		return 2
 	}
 	if *record && *snapDir == "" {
@@ -105,7 +117,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg := daemon.Config{Socket: *socket, MemFile: *memFile, Snapshot: *snapDir, CacheSize: int64(cache),
 		Record: *record, RecordWindow: *recordWindow, NoPrefetch: *noPrefetch,
-		OnFailure: daemon.Policy(*onFailure), MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes}
+		OnFailure: daemon.Policy(*onFailure), MaxRegions: *maxRegions, HandshakeTimeout: *timeout, MaxHandshakes: *maxHandshakes,
+		StateDir: *stateDir, Takeover: *takeover}
 	if cfg.Engine.FaultAround, err = parseAround(*around, *maxAround); err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 2
@@ -144,6 +157,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	rs := newRemoteServe(rf, disk, log)
 	defer rs.close()
 	if *fl.control != "" {
+		if *stateDir != "" {
+			fmt.Fprintln(stderr, "faultline serve: --state-dir is not supported with --control yet")
+			return 2
+		}
 		openers := maps.Clone(snapshotOpeners)
 		openers["s3"] = rs.open
 		return serveFleet(fl, cfg, openers, *metrics, log, stderr)
@@ -159,20 +176,26 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		defer snap.Close()
 		cfg.Snapshot, cfg.Source = "", snap
 	}
+	// The metrics port is bound before the daemon starts: a daemon that recovered or took VMs
+	// over must not have to let them go because of it. A successor waits for its predecessor,
+	// which holds the port until it exits (serveMetricsOn).
+	var metricsLn net.Listener
+	if *metrics != "" && !*takeover {
+		if metricsLn, err = net.Listen("tcp", *metrics); err != nil {
+			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
+			return 1
+		}
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 1
 	}
 	if *metrics != "" {
-		stop, err := serveMetrics(*metrics, d.Collector(), log)
-		if err != nil {
-			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
-			d.Close()
-			<-d.Done()
-			return 1
-		}
-		defer stop()
+		defer serveMetricsOn(metricsLn, *metrics, d.Collector(), log)()
 	}
 	defer onSignals(log, d.Drain, d.Close, d.Live)()
 	if *snapDir != "" {
@@ -191,18 +214,34 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 // serveMetrics serves Prometheus metrics of c (and the Go runtime's and the process's) on addr
 // until stop.
 func serveMetrics(addr string, c prometheus.Collector, log *slog.Logger) (stop func(), err error) {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
+	return serveMetricsOn(ln, addr, c, log), nil
+}
+
+// serveMetricsOn serves the metrics on ln; with ln nil (a --takeover's successor, whose
+// predecessor holds the port until it exits) it binds addr as soon as it is free, for up to
+// 10 s, and serves without metrics if it never is.
+func serveMetricsOn(ln net.Listener, addr string, c prometheus.Collector, log *slog.Logger) (stop func()) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(ln)
-	log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
-	return func() { srv.Shutdown(context.Background()) }, nil
+	go func() {
+		for deadline := time.Now().Add(10 * time.Second); ln == nil; time.Sleep(50 * time.Millisecond) {
+			var err error
+			if ln, err = net.Listen("tcp", addr); err != nil && time.Now().After(deadline) {
+				log.Error("metrics: the port stayed taken; serving without metrics", "addr", addr, "err", err)
+				return
+			}
+		}
+		log.Info("metrics", "addr", ln.Addr().String(), "path", "/metrics")
+		srv.Serve(ln)
+	}()
+	return func() { srv.Shutdown(context.Background()) }
 }
 
 // onSignals drains on the first SIGINT/SIGTERM and closes on the second, until stop.

@@ -43,6 +43,22 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
+// vmTouched waits for the socket, starts a VMM of 8 MiB on it (killed when the test ends) and
+// checks its first half against the pattern of seed 9.
+func vmTouched(t *testing.T, sock string) *vmm.VMM {
+	t.Helper()
+	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Kill)
+	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("touch: %+v %v", got, err)
+	}
+	return m
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -82,15 +98,7 @@ func TestServeDrainOnSIGTERM(t *testing.T) {
 	go func() {
 		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--metrics-addr", "127.0.0.1:0"}, io.Discard, &stderr)
 	}()
-	waitFor(t, "the socket", func() bool { _, err := os.Stat(sock); return err == nil })
-	m, err := vmm.Start(vmm.Options{Socket: sock, Regions: []vmm.Region{{Size: 8 << 20}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Kill()
-	if got, err := m.TouchRange(0, 0, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
-		t.Fatalf("touch: %+v %v", got, err)
-	}
+	m := vmTouched(t, sock)
 	// Metrics.
 	addr := regexp.MustCompile(`msg=metrics addr=(\S+)`).FindStringSubmatch(stderr.String())
 	if addr == nil {
@@ -167,8 +175,56 @@ func TestServeSecondSignalExits(t *testing.T) {
 	}
 }
 
+// faultline serve --takeover: a second serve takes the socket and the live VM over from the
+// first, which returns 0; the VM goes on being served, by the second.
+func TestServeTakeover(t *testing.T) {
+	dir := t.TempDir()
+	mem := filepath.Join(dir, "mem")
+	b := make([]byte, 8<<20)
+	puppet.Fill(b, 9, 0)
+	os.WriteFile(mem, b, 0o600)
+	sock, state := filepath.Join(dir, "fc.sock"), filepath.Join(dir, "state")
+	args := []string{"serve", "--socket", sock, "--mem-file", mem, "--state-dir", state}
+	var errA, errB lockedBuffer
+	codeA, codeB := make(chan int, 1), make(chan int, 1)
+	go func() { codeA <- Run(args, io.Discard, &errA) }()
+	m := vmTouched(t, sock)
+	go func() { codeB <- Run(append(args, "--takeover"), io.Discard, &errB) }()
+	select {
+	case c := <-codeA:
+		if c != 0 {
+			t.Fatalf("the first serve after the hand-off: exit %d\n%s", c, errA.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the first serve did not return after the takeover\n%s\n%s", errA.String(), errB.String())
+	}
+	if got, err := m.TouchRange(0, 4<<20, 4<<20, 2, 9, false); err != nil || got.Wrong != 0 {
+		t.Fatalf("the VM after the takeover: %+v %v\n%s", got, err, errB.String())
+	}
+	if !strings.Contains(errB.String(), "VM taken over") || !strings.Contains(errA.String(), "hand-off done") {
+		t.Fatalf("logs:\n%s\n%s", errA.String(), errB.String())
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	waitFor(t, "draining", func() bool { return strings.Contains(errB.String(), "draining") })
+	m.Exit()
+	select {
+	case c := <-codeB:
+		if c != 0 {
+			t.Fatalf("the second serve: exit %d\n%s", c, errB.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the second serve did not return after the VM exited\n%s", errB.String())
+	}
+	if !strings.Contains(errB.String(), `origin="taken over"`) {
+		t.Fatalf("the VM's report does not say it was taken over:\n%s", errB.String())
+	}
+}
+
 func TestServeUsage(t *testing.T) {
 	var out lockedBuffer
+	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--takeover"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--takeover needs --state-dir") {
+		t.Fatalf("--takeover without --state-dir: exit %d: %s", c, out.String())
+	}
 	if c := Run([]string{"serve"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--socket and one of --mem-file or --snapshot are required") {
 		t.Fatalf("exit %d: %s", c, out.String())
 	}

@@ -18,6 +18,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math/bits"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -309,7 +310,9 @@ func engMremap(c *child, r *Request) (Reply, []int) {
 // After the storm one thread reads the whole area in order: released pages must be all zeros,
 // the others the pattern. Reply: Mismatch (violations), Str (the first one described), Ints =
 // [reads, reads that overlapped a release, madvise calls, pages released in total (the sum of
-// the lengths of all madvise calls), final zero pages, final pattern pages].
+// the lengths of all madvise calls), final zero pages, final pattern pages, the longest read
+// (ns), reads of 2 µs or more (faults), their 99th percentile (ns, a power of two: an upper
+// bound)].
 func engBalloon(c *child, r *Request) (Reply, []int) {
 	if len(r.Ints) < 5 {
 		return engFail("eng-balloon: want [touchers, chasers, durationMs, maxRun, chunk]")
@@ -358,6 +361,8 @@ func engBalloon(c *child, r *Request) (Reply, []int) {
 		badMu                sync.Mutex
 		firstBad             string
 		madvises, pagesFreed int64
+		slowest              atomic.Int64     // the longest read, in ns (a fault's wait as the guest sees it)
+		slow                 [32]atomic.Int64 // reads of at least 2 µs (faults), by power of two of their ns
 	)
 	chase.Store(int64(fresh[0].p))
 	report := func(format string, args ...any) {
@@ -372,12 +377,18 @@ func engBalloon(c *child, r *Request) (Reply, []int) {
 	check := func(p int, buf []byte) {
 		done := finished[p].Load()
 		off := p * ps
+		t0 := time.Now()
 		if guarded(func() {
 			atomic.LoadUint64((*uint64)(unsafe.Pointer(&a.Mem[off]))) // see engTouch
 			copy(buf, a.Mem[off:off+ps])
 		}) != 0 {
 			report("page %d: SIGBUS/SIGSEGV on read", p)
 			return
+		}
+		if ns := int64(time.Since(t0)); ns >= 2000 {
+			slow[min(bits.Len64(uint64(ns)), len(slow)-1)].Add(1)
+			for m := slowest.Load(); ns > m && !slowest.CompareAndSwap(m, ns); m = slowest.Load() {
+			}
 		}
 		begun := started[p].Load()
 		reads.Add(1)
@@ -510,6 +521,17 @@ func engBalloon(c *child, r *Request) (Reply, []int) {
 			}
 		}
 	}()
+	// The 99th percentile of the slow reads, as the upper bound of its power-of-two bucket.
+	var nslow, p99 int64
+	for i := range slow {
+		nslow += slow[i].Load()
+	}
+	for i, below := 0, int64(0); i < len(slow) && nslow > 0; i++ {
+		if below += slow[i].Load(); below*100 >= nslow*99 {
+			p99 = 1 << i
+			break
+		}
+	}
 	return Reply{Mismatch: int(violations.Load()), Str: firstBad,
-		Ints: []int64{reads.Load(), racy.Load(), madvises, pagesFreed, finalZero, finalPattern}}, nil
+		Ints: []int64{reads.Load(), racy.Load(), madvises, pagesFreed, finalZero, finalPattern, slowest.Load(), nslow, p99}}, nil
 }
