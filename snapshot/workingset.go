@@ -303,7 +303,7 @@ func (r *WorkingSetReader) decode(slot *wsFrame) error {
 	if cap(slot.data) < int(fr.Raw) || &slot.data[:1][0] == &slot.comp[:1][0] {
 		slot.data = make([]byte, 0, max(fr.Raw, frameTarget+r.s.m.PageSize))
 	}
-	out, err := r.s.decodeAll(slot.comp, slot.data[:0:fr.Raw])
+	out, err := r.s.decodeWith(r.s.wsDec, slot.comp, slot.data[:0:fr.Raw])
 	if err != nil {
 		return r.frameError(slot.idx, at, err)
 	}
