@@ -1,5 +1,5 @@
 // Package snapshot reads and writes packed memory snapshots: a directory holding a raw guest
-// memory image cut into fixed-size chunks named by the SHA-256 of their bytes, each stored as
+// memory image cut into fixed-size chunks named by a SHA-256 of their contents, each stored as
 // small frames compressed with zstd on their own (with a dictionary sampled from the image), so
 // that a read costs one frame, a zero map of the pages that are all zero (never stored), and
 // optionally a working set (pages in the order a VM first touched them, laid out contiguously

@@ -174,6 +174,44 @@ func (d *DictRef) fileName() string { return d.Hash + ".dict" }
 // catch a wrong dictionary.
 func (d *DictRef) id() uint32 { return 0 }
 
+// chunkHash is a chunk's hash (FORMAT.md, "Chunk files"): the SHA-256 of "faultline-chunk",
+// the chunk's zero bits (npages bits, least significant first, zero(i) for page i of the
+// chunk), and each frame's payload hash (32 zero bytes for a frame with no payload). It is
+// what the chunk's bytes determine — the zero pages and the others — without hashing the image
+// bytes a second time after the frames.
+func chunkHash(npages int64, zero func(i int64) bool, frameHashes func(k int) *[32]byte, nframes int) string {
+	h := sha256.New()
+	h.Write([]byte("faultline-chunk"))
+	bitsOf := make([]byte, ceilDiv(npages, 8))
+	for i := range npages {
+		if zero(i) {
+			bitsOf[i>>3] |= 1 << (i & 7)
+		}
+	}
+	h.Write(bitsOf)
+	var none [32]byte
+	for k := range nframes {
+		if fh := frameHashes(k); fh != nil {
+			h.Write(fh[:])
+		} else {
+			h.Write(none[:])
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// hashOf is chunk i's hash by the manifest: its zero map and frame table.
+func (m *Manifest) hashOf(i int, recs []frameRec) string {
+	first := int64(i) * (m.ChunkSize / m.PageSize)
+	return chunkHash(ceilDiv(m.chunkLen(i), m.PageSize), func(p int64) bool { return m.isZero(first + p) },
+		func(k int) *[32]byte {
+			if recs[k].stored == 0 {
+				return nil
+			}
+			return &recs[k].hash
+		}, len(recs))
+}
+
 // hashHex is the lowercase hex SHA-256 of b.
 func hashHex(b []byte) string {
 	s := sha256.Sum256(b)

@@ -71,8 +71,8 @@ type Manifest struct {
 
 // A ChunkEntry is one chunk of the image.
 type ChunkEntry struct {
-	// Hash is the SHA-256 (hex) of the chunk's image bytes (ChunkSize bytes, fewer for the last
-	// chunk, zero pages included). It names the chunk's file. Empty for an all-zero chunk.
+	// Hash is the chunk's content hash (hex; FORMAT.md: a SHA-256 over its zero bits and its
+	// frames' payload hashes). It names the chunk's file. Empty for an all-zero chunk.
 	Hash   string   `json:"sha256,omitempty"`
 	Stored int64    `json:"stored,omitempty"` // the chunk file's size
 	Enc    Encoding `json:"enc"`              // EncZero or EncFrames

@@ -452,8 +452,6 @@ func (w *packer) pack(j packJob) packResult {
 		r.entry = ChunkEntry{Enc: EncZero}
 		return r
 	}
-	hash := hashHex(buf)
-	name := m.chunkFileName(ChunkEntry{Hash: hash})
 	// Pack the non-zero pages at the start of buf: frame k's payload is then the next
 	// framePayload bytes (the reader's expand undoes it).
 	var to int64
@@ -494,6 +492,13 @@ func (w *packer) pack(j packJob) packResult {
 	for k, f := range frames {
 		hashes[k], payloads[k] = f.hash, f.n
 	}
+	hash := chunkHash(npages, func(i int64) bool { return r.zero[i] }, func(k int) *[32]byte {
+		if payloads[k] == 0 {
+			return nil
+		}
+		return &hashes[k]
+	}, nf)
+	name := m.chunkFileName(ChunkEntry{Hash: hash})
 	if t, size, err := w.existing(name, hashes, payloads); err == nil {
 		// The file is there (a store, a second pack into this directory, the same chunk
 		// twice) and holds these bytes: its frame table is the entry's.

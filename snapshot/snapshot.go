@@ -34,11 +34,11 @@ type Snapshot struct {
 	dir    string // the directory, or what the Files came from, for messages
 	files  Files
 	m      *Manifest
-	frames [][]frameLoc // per chunk, per frame (nil for an all-zero chunk)
+	frames [][]frameLoc  // per chunk, per frame (nil for an all-zero chunk)
 	dec    *zstd.Decoder // the chunks' frames (with the dictionary)
 	wsDec  *zstd.Decoder // the working set's frames: written without one, and a decoder with a
 	// dictionary is some 40% slower on them
-	decMu sync.RWMutex // held shared by a decompression, exclusively by Close (which frees both)
+	decMu  sync.RWMutex // held shared by a decompression, exclusively by Close (which frees both)
 	cache  cache
 	comp   sync.Pool // *[]byte buffers for compressed frame bytes
 	closed atomic.Bool
@@ -367,7 +367,7 @@ func readAtExact(f io.ReaderAt, b []byte, off int64) error {
 }
 
 // ReadChunk reads chunk idx into dst[:ChunkLen(idx)], frame by frame, verifying each frame's
-// hash and then the chunk's. On error dst's contents are undefined; the error is a *ChunkError
+// hash and then that the frames and the zero map make the chunk's hash. On error dst's contents are undefined; the error is a *ChunkError
 // matching ErrCorrupt, ErrMissing or ErrTransient (a done ctx is transient).
 func (s *Snapshot) ReadChunk(ctx context.Context, idx int, dst []byte) error {
 	if idx < 0 || idx >= len(s.m.Chunks) {
@@ -390,8 +390,10 @@ func (s *Snapshot) ReadChunk(ctx context.Context, idx int, dst []byte) error {
 			return err
 		}
 	}
-	if hashHex(dst) != c.Hash {
-		return s.chunkError(idx, corruptf("content hash of the chunk does not match its name"))
+	// The frames are verified; the chunk's name must be what they and the zero map make.
+	recs, _ := s.m.parseFrames(idx, c.Frames)
+	if s.m.hashOf(idx, recs) != c.Hash {
+		return s.chunkError(idx, corruptf("the chunk's frames and zero map do not make its name"))
 	}
 	return nil
 }
