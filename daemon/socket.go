@@ -72,7 +72,7 @@ func Listen(path string, group int) (*Listener, error) {
 	// The temporary name is ours alone (it carries our pid); rename keeps the inode.
 	id, err := statID(tmp)
 	if err == nil {
-		err = os.Rename(tmp, path)
+		err = withPathLock(path, func() error { return os.Rename(tmp, path) })
 	}
 	if err != nil {
 		return fail(fmt.Errorf("daemon: %w", err))
@@ -83,13 +83,39 @@ func Listen(path string, group int) (*Listener, error) {
 // Path is the socket's path.
 func (l *Listener) Path() string { return l.path }
 
-// Remove unlinks the socket file if the path still names the one bound, not a successor's. (A
-// successor renaming its socket over the path between the check and the unlink would still
-// lose it; the window is two system calls wide.)
+// Remove unlinks the socket file if the path still names the one bound, not a successor's:
+// the check and the unlink hold the path's lock, which a successor's rename into place takes
+// too, so it cannot come between them.
 func (l *Listener) Remove() {
-	if id, err := statID(l.path); err == nil && id == l.id {
-		os.Remove(l.path)
+	withPathLock(l.path, func() error {
+		if id, err := statID(l.path); err == nil && id == l.id {
+			os.Remove(l.path)
+		}
+		return nil
+	})
+}
+
+// withPathLock runs fn holding an exclusive flock on the lock file beside path
+// (".<name>.lock", left in place: removing it would let two lockers hold two files). Without
+// the lock file (a read-only directory) fn runs unlocked.
+func withPathLock(path string, fn func() error) error {
+	lp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".lock")
+	f, err := os.OpenFile(lp, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fn()
 	}
+	defer f.Close()
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return fn()
+	}
+	defer unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return fn()
 }
 
 // fileID identifies a file: what a path names, whatever the path.
