@@ -157,8 +157,7 @@ func (d *Daemon) start() error {
 				d.log.Warn("takeover: serving the predecessor's socket, not the one configured", "socket", hs.socket, "configured", d.path)
 				d.path = hs.socket
 			}
-			id, _ := statID(d.path)
-			d.ln = &Listener{UnixListener: hs.ln, path: d.path, id: id}
+			d.ln = ListenerFrom(hs.ln, d.path)
 			st, err = openStateDir(dir, hs.lock, gen)
 		}
 	} else {

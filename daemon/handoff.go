@@ -62,6 +62,12 @@ var testHookTakeover func()
 
 func sendHandoff(c *net.UnixConn, m handoffMsg, fds ...int) error {
 	b, _ := json.Marshal(m)
+	return SendPacket(c, b, fds...)
+}
+
+// SendPacket sends b as one packet on a SOCK_SEQPACKET connection, with copies of fds
+// (SCM_RIGHTS): the hand-off sockets' transport.
+func SendPacket(c *net.UnixConn, b []byte, fds ...int) error {
 	var oob []byte
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
@@ -71,6 +77,21 @@ func sendHandoff(c *net.UnixConn, m handoffMsg, fds ...int) error {
 }
 
 func recvHandoff(c *net.UnixConn) (handoffMsg, []int, error) {
+	b, fds, err := RecvPacket(c)
+	if err != nil {
+		return handoffMsg{}, nil, err
+	}
+	var m handoffMsg
+	if err := json.Unmarshal(b, &m); err != nil {
+		closeFDs(fds)
+		return handoffMsg{}, nil, fmt.Errorf("hand-off message: %w", err)
+	}
+	return m, fds, nil
+}
+
+// RecvPacket receives one packet (at most 64 KiB) sent by SendPacket, and the fds that came
+// with it, waiting at most 30 s. An empty packet is the peer gone: an error.
+func RecvPacket(c *net.UnixConn) ([]byte, []int, error) {
 	b := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(64*4))
 	c.SetReadDeadline(time.Now().Add(handoffTimeout))
@@ -85,19 +106,14 @@ func recvHandoff(c *net.UnixConn) (handoffMsg, []int, error) {
 			}
 		}
 	}
+	if err == nil && n == 0 {
+		err = errors.New("hand-off connection closed")
+	}
 	if err != nil {
 		closeFDs(fds)
-		return handoffMsg{}, nil, err
+		return nil, nil, err
 	}
-	if n == 0 {
-		return handoffMsg{}, nil, errors.New("hand-off connection closed")
-	}
-	var m handoffMsg
-	if err := json.Unmarshal(b[:n], &m); err != nil {
-		closeFDs(fds)
-		return handoffMsg{}, nil, fmt.Errorf("hand-off message: %w", err)
-	}
-	return m, fds, nil
+	return b[:n], fds, nil
 }
 
 func closeFDs(fds []int) {

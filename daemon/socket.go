@@ -30,14 +30,27 @@ type Listener struct {
 
 // Listen listens on path; group > 0 makes the socket 0660 and owned by that group, else it is
 // 0600. Closing the listener leaves the file: Remove unlinks it.
-func Listen(path string, group int) (*Listener, error) {
+func Listen(path string, group int) (*Listener, error) { return listen("unix", path, group) }
+
+// ListenPacket is Listen for a SOCK_SEQPACKET socket (mode 0600), such as a hand-off socket.
+func ListenPacket(path string) (*Listener, error) { return listen("unixpacket", path, 0) }
+
+// ListenerFrom makes a Listener of ln, a socket bound at path that another process passed on
+// (a hand-off): Remove unlinks path only while it names the file path names now.
+func ListenerFrom(ln *net.UnixListener, path string) *Listener {
+	ln.SetUnlinkOnClose(false)
+	id, _ := statID(path)
+	return &Listener{UnixListener: ln, path: path, id: id}
+}
+
+func listen(network, path string, group int) (*Listener, error) {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("daemon: %s exists and is not a socket: %w", path, ErrSocketInUse)
 		}
 		// Stale only if nobody listens: connect(2) is refused. EAGAIN means a listener with a
 		// full backlog — a busy daemon, not a stale file.
-		c, err := net.Dial("unix", path)
+		c, err := net.Dial(network, path)
 		switch {
 		case err == nil:
 			c.Close()
@@ -49,7 +62,7 @@ func Listen(path string, group int) (*Listener, error) {
 	}
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
 	os.Remove(tmp)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	ln, err := net.ListenUnix(network, &net.UnixAddr{Name: tmp, Net: network})
 	if err != nil {
 		return nil, fmt.Errorf("daemon: listen: %w", err)
 	}

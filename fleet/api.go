@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/faultline-go/faultline/daemon"
@@ -101,19 +103,107 @@ func reply(w http.ResponseWriter, status int, v any, err error) {
 // listens on refused). Only the owner's uid (and root) can connect: whoever can reach the
 // control API can make the daemon listen anywhere it may write. The socket is closed and
 // removed when the server is done (Drain or Close, then every VM gone).
+//
+// With Config.StateDir it first makes again the bindings of the state directory's fleet.json,
+// whose daemons recover their VMs; with Config.Takeover it takes the control socket (path is
+// then the predecessor's) and every binding over from the fleet running there (handoff.go).
 func (s *Server) ListenControl(path string) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.draining || s.http != nil {
+	if s.draining || s.http != nil || s.served != nil {
+		s.mu.Unlock()
 		return errors.New("fleet: control socket: the server is stopping or has one")
 	}
-	ln, err := daemon.Listen(path, 0)
-	if err != nil {
-		return fmt.Errorf("fleet: control socket: %w", err)
+	s.served = make(chan struct{}) // taken
+	s.mu.Unlock()
+	var ln *daemon.Listener
+	if dir := s.cfg.StateDir; dir != "" {
+		var prev *net.UnixConn // the predecessor, in a takeover
+		var err error
+		if s.cfg.Takeover {
+			if ln, s.lock, prev, err = takeover(dir); err != nil {
+				// No live fleet to take over from (none ran, or it died during the hand-off):
+				// with the lock free, the bindings are recovered as after a crash.
+				var lerr error
+				if s.lock, lerr = lockState(dir); lerr != nil {
+					return errors.Join(err, lerr)
+				}
+				s.log.Warn("takeover: no live fleet to take over from; recovering the bindings of the state directory", "err", err)
+			}
+		} else if s.lock, err = lockState(dir); err != nil {
+			return err
+		}
+		saved, err := loadState(dir)
+		if err != nil {
+			if prev != nil {
+				abortHandoff(prev, err)
+				ln.Close()
+			}
+			s.lock.Close()
+			s.lock = nil
+			return err
+		}
+		s.restore(saved, prev != nil)
+		if err := s.save(); err != nil {
+			s.log.Error("fleet.json not saved", "err", err)
+		}
+		if prev != nil {
+			if ln.Path() != path {
+				s.log.Warn("takeover: serving the predecessor's control socket, not the one configured", "socket", ln.Path(), "configured", path)
+			}
+			// Everything is ours: the predecessor exits once its bindings' daemons have
+			// returned.
+			daemon.SendPacket(prev, []byte(`{"op":"done"}`))
+			prev.Close()
+		}
 	}
+	if ln == nil {
+		var err error
+		if ln, err = daemon.Listen(path, 0); err != nil {
+			return fmt.Errorf("fleet: control socket: %w", err)
+		}
+	}
+	s.mu.Lock()
 	s.ctl = ln
-	s.http = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
-	go s.http.Serve(ln)
-	s.log.Info("control API listening", "socket", path, "max_vms", s.cfg.MaxVMs, "cache_size", s.cfg.CacheSize)
+	s.serveControlLocked()
+	s.mu.Unlock()
+	if s.cfg.StateDir != "" {
+		if err := s.listenHandoff(); err != nil {
+			s.log.Error("no live upgrade of this fleet: hand-off socket", "err", err)
+		}
+	}
+	s.log.Info("control API listening", "socket", ln.Path(), "max_vms", s.cfg.MaxVMs, "cache_size", s.cfg.CacheSize,
+		"state_dir", s.cfg.StateDir, "bindings", len(s.List()))
 	return nil
 }
+
+// serveControlLocked serves the control API on s.ctl until the server is done or hands over.
+func (s *Server) serveControlLocked() {
+	s.ctlLn = &ctlListener{UnixListener: s.ctl.UnixListener}
+	s.http = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	s.served = make(chan struct{})
+	srv, ln, served := s.http, s.ctlLn, s.served
+	go func() {
+		srv.Serve(ln)
+		close(served)
+	}()
+}
+
+// ctlListener is the control socket as the HTTP server sees it: a pause (before a hand-off)
+// stops its Accept without closing the socket, which goes on to the successor, connections
+// waiting in its backlog included; Close leaves the socket to the Server.
+type ctlListener struct {
+	*net.UnixListener
+	paused atomic.Bool
+}
+
+var errPaused = errors.New("fleet: control socket handed over")
+
+func (l *ctlListener) Accept() (net.Conn, error) {
+	c, err := l.UnixListener.Accept()
+	if err != nil && l.paused.Load() {
+		return nil, errPaused // not a timeout: the HTTP server must not retry
+	}
+	return c, err
+}
+
+func (l *ctlListener) Close() error { return nil }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -42,6 +43,14 @@ type Config struct {
 	// Openers open snapshot references that are URLs, by scheme ("s3"). Paths are opened by
 	// OpenLocal.
 	Openers map[string]Opener
+	// StateDir, if set, is a directory (on tmpfs, such as /run/faultline) where the fleet keeps
+	// its bindings (fleet.json, rewritten atomically on every PUT and DELETE) and each binding's
+	// daemon its VMs' state (bindings/<id>, daemon.Config.StateDir): a fleet started on it after
+	// a crash makes the bindings again and serves their VMs. One fleet at a time owns it.
+	StateDir string
+	// Takeover makes ListenControl take the control socket and every binding over from the
+	// fleet running on StateDir (a live upgrade), which then exits.
+	Takeover bool
 }
 
 // Server is a fleet daemon: VM bindings made and removed through its control API, each served by
@@ -59,9 +68,19 @@ type Server struct {
 	wg       sync.WaitGroup // one per binding, until its daemon's Serve returned
 
 	ctl      *daemon.Listener
+	ctlLn    *ctlListener
 	http     *http.Server
+	served   chan struct{} // closed when http's Serve returned
 	stopOnce sync.Once
 	done     chan struct{}
+
+	// With a StateDir (state.go, handoff.go).
+	lock        *os.File   // fleet.lock, flocked
+	saveMu      sync.Mutex // one fleet.json write at a time
+	ops         sync.WaitGroup
+	handingOver bool // under mu: a successor takes over; PUT and DELETE are refused
+	handedOver  bool // under mu: it did; nothing of the state directory is ours
+	handoffLn   *daemon.Listener
 }
 
 // binding is one VM binding: a socket, its daemon, the snapshot it serves.
@@ -73,8 +92,9 @@ type binding struct {
 	d    *daemon.Daemon
 	snap *shared
 	// Under Server.mu.
-	state string
-	err   string
+	state   string
+	err     string
+	deleted bool // by DELETE: its state directory goes with it
 }
 
 // New returns a server with no bindings and no control socket (see ListenControl and Handler).
@@ -119,6 +139,9 @@ func (s *Server) Create(id string, spec client.Spec) (client.VM, error) {
 	case s.draining:
 		s.mu.Unlock()
 		return client.VM{}, &client.Error{Status: http.StatusServiceUnavailable, Message: "the daemon is shutting down: no new VMs"}
+	case s.handingOver:
+		s.mu.Unlock()
+		return client.VM{}, errHandingOver
 	case s.vms[id] != nil:
 		st := s.vms[id].state
 		s.mu.Unlock()
@@ -137,9 +160,17 @@ func (s *Server) Create(id string, spec client.Spec) (client.VM, error) {
 	s.vms[id] = b
 	s.sockets[spec.Socket] = id
 	s.wg.Add(1)
+	s.ops.Add(1)
 	s.mu.Unlock()
+	defer s.ops.Done()
 
-	vm, err := s.start(b)
+	vm, err := s.start(b, false)
+	if err == nil {
+		if err = s.save(); err != nil {
+			s.log.Error("VM binding made but not saved: a fleet restarted on the state directory will not have it", "vm_id", id, "err", err)
+			return client.VM{}, &client.Error{Status: http.StatusInternalServerError, Message: err.Error()}
+		}
+	}
 	if err != nil {
 		s.mu.Lock()
 		delete(s.vms, id)
@@ -151,8 +182,9 @@ func (s *Server) Create(id string, spec client.Spec) (client.VM, error) {
 	return vm, nil
 }
 
-// start opens b's snapshot and its daemon and serves it.
-func (s *Server) start(b *binding) (client.VM, error) {
+// start opens b's snapshot and its daemon and serves it; with takeover its daemon takes its VMs
+// over from the predecessor's.
+func (s *Server) start(b *binding, takeover bool) (client.VM, error) {
 	sh, err := s.acquire(b.spec)
 	if err != nil {
 		return client.VM{}, err
@@ -166,11 +198,12 @@ func (s *Server) start(b *binding) (client.VM, error) {
 	cfg := s.cfg.Daemon
 	cfg.Socket, cfg.MemFile, cfg.Snapshot, cfg.Source, cfg.Record = b.spec.Socket, "", "", sh.src, b.spec.Record
 	cfg.Logger = s.log.With("vm_id", b.id)
+	cfg.StateDir, cfg.Takeover = s.bindingDir(b.id), takeover
 	d, err := daemon.New(cfg)
 	if err != nil {
 		s.release(sh)
 		status := http.StatusBadRequest
-		if errors.Is(err, daemon.ErrSocketInUse) {
+		if errors.Is(err, daemon.ErrSocketInUse) || errors.Is(err, daemon.ErrStateLocked) {
 			status = http.StatusConflict
 		}
 		return client.VM{}, &client.Error{Status: status, Message: err.Error()}
@@ -197,6 +230,7 @@ func (s *Server) serve(b *binding) {
 	defer s.wg.Done()
 	err := b.d.Serve()
 	s.mu.Lock()
+	deleted := b.deleted
 	if b.state == client.StateDraining {
 		delete(s.vms, b.id)
 	} else {
@@ -213,6 +247,15 @@ func (s *Server) serve(b *binding) {
 		s.log.Error("VM binding stopped listening", "vm_id", b.id, "err", err)
 	}
 	s.release(b.snap)
+	if deleted && s.cfg.StateDir != "" {
+		// Its daemon has returned: no VM of it is left to recover.
+		if err := os.RemoveAll(s.bindingDir(b.id)); err != nil {
+			s.log.Error("VM binding: removing its state directory", "vm_id", b.id, "err", err)
+		}
+		if err := s.save(); err != nil {
+			s.log.Error("VM binding gone but not saved", "vm_id", b.id, "err", err)
+		}
+	}
 	s.log.Info("VM binding done: its VMs ended", "vm_id", b.id)
 }
 
@@ -222,6 +265,9 @@ func (s *Server) Delete(id string, force bool) (client.VM, error) {
 	s.mu.Lock()
 	b := s.vms[id]
 	switch {
+	case s.handingOver:
+		s.mu.Unlock()
+		return client.VM{}, errHandingOver
 	case b == nil:
 		s.mu.Unlock()
 		return client.VM{}, &client.Error{Status: http.StatusNotFound, Message: fmt.Sprintf("no VM %q", id)}
@@ -229,15 +275,26 @@ func (s *Server) Delete(id string, force bool) (client.VM, error) {
 		s.mu.Unlock()
 		return client.VM{}, &client.Error{Status: http.StatusConflict, Message: fmt.Sprintf("VM %q is being created", id)}
 	}
-	if b.state == client.StateStopped {
+	stopped := b.state == client.StateStopped
+	if stopped {
 		// Its daemon's Serve returned already: nothing listens or is served.
 		delete(s.vms, id)
 	}
-	b.state = client.StateDraining
+	b.state, b.deleted = client.StateDraining, true
 	if s.sockets[b.spec.Socket] == id {
 		delete(s.sockets, b.spec.Socket)
 	}
+	s.ops.Add(1)
 	s.mu.Unlock()
+	defer s.ops.Done()
+	// Saved as draining before it drains: a fleet restarted meanwhile drains it again rather
+	// than leave its VMs unserved.
+	if err := s.save(); err != nil {
+		s.log.Error("VM binding deletion not saved", "vm_id", id, "err", err)
+	}
+	if stopped && s.cfg.StateDir != "" {
+		os.RemoveAll(s.bindingDir(id))
+	}
 	if force {
 		b.d.Close()
 	} else {
@@ -337,11 +394,21 @@ func (s *Server) stop(force bool) {
 		go func() {
 			s.wg.Wait()
 			s.mu.Lock() // draining is set: ListenControl starts nothing from now on
-			srv, ctl := s.http, s.ctl
+			srv, ctl, handed, hl := s.http, s.ctl, s.handedOver, s.handoffLn
 			s.mu.Unlock()
 			if srv != nil {
 				srv.Close()
-				ctl.Remove()
+				ctl.Close()
+				if !handed { // else the path is the successor's, and so is its socket
+					ctl.Remove()
+				}
+			}
+			if hl != nil {
+				hl.Close()
+				hl.Remove()
+			}
+			if s.lock != nil {
+				s.lock.Close()
 			}
 			close(s.done)
 		}()

@@ -157,10 +157,6 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	rs := newRemoteServe(rf, disk, log)
 	defer rs.close()
 	if *fl.control != "" {
-		if *stateDir != "" {
-			fmt.Fprintln(stderr, "faultline serve: --state-dir is not supported with --control yet")
-			return 2
-		}
 		openers := maps.Clone(snapshotOpeners)
 		openers["s3"] = rs.open
 		return serveFleet(fl, cfg, openers, *metrics, log, stderr)

@@ -45,8 +45,9 @@ func serveFleet(o fleetOpts, cfg daemon.Config, openers map[string]fleet.Opener,
 	}
 	tmpl := cfg
 	tmpl.Socket, tmpl.MemFile, tmpl.Snapshot, tmpl.Record, tmpl.CacheSize = "", "", "", false, 0
+	tmpl.StateDir, tmpl.Takeover = "", false // the fleet gives each binding's daemon its own
 	s, err := fleet.New(fleet.Config{Daemon: tmpl, MaxVMs: *o.maxVMs, CacheSize: cfg.CacheSize,
-		MinCacheSize: int64(minCache), Openers: openers})
+		MinCacheSize: int64(minCache), Openers: openers, StateDir: cfg.StateDir, Takeover: cfg.Takeover})
 	if err != nil {
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 1
@@ -57,7 +58,8 @@ func serveFleet(o fleetOpts, cfg daemon.Config, openers map[string]fleet.Opener,
 		fmt.Fprintln(stderr, "faultline serve:", err)
 		return 1
 	}
-	if cfg.Socket != "" {
+	if _, err := s.Get(defaultBinding); cfg.Socket != "" && err != nil {
+		// (A binding "default" recovered or taken over from the state directory is kept.)
 		spec := client.Spec{Snapshot: abs(cfg.Snapshot), MemFile: abs(cfg.MemFile), Socket: abs(cfg.Socket), Record: cfg.Record}
 		if _, err := s.Create(defaultBinding, spec); err != nil {
 			fmt.Fprintln(stderr, "faultline serve:", err)
@@ -66,7 +68,10 @@ func serveFleet(o fleetOpts, cfg daemon.Config, openers map[string]fleet.Opener,
 			return 1
 		}
 	}
-	if metrics != "" {
+	if metrics != "" && cfg.Takeover {
+		// The predecessor holds the port until it exits.
+		defer serveMetricsOn(nil, metrics, s.Collector(), log)()
+	} else if metrics != "" {
 		stop, err := serveMetrics(metrics, s.Collector(), log)
 		if err != nil {
 			fmt.Fprintln(stderr, "faultline serve: metrics:", err)
