@@ -115,6 +115,16 @@ func (s *Server) ListenControl(path string) error {
 	}
 	s.served = make(chan struct{}) // taken
 	s.mu.Unlock()
+	err := s.listenControl(path)
+	if err != nil {
+		s.mu.Lock()
+		s.served = nil
+		s.mu.Unlock()
+	}
+	return err
+}
+
+func (s *Server) listenControl(path string) error {
 	var ln *daemon.Listener
 	if dir := s.cfg.StateDir; dir != "" {
 		var prev *net.UnixConn // the predecessor, in a takeover

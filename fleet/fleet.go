@@ -397,8 +397,8 @@ func (s *Server) stop(force bool) {
 			srv, ctl, handed, hl := s.http, s.ctl, s.handedOver, s.handoffLn
 			s.mu.Unlock()
 			if srv != nil {
+				ctl.Close() // first: the HTTP server's Close waits for its Serve to return
 				srv.Close()
-				ctl.Close()
 				if !handed { // else the path is the successor's, and so is its socket
 					ctl.Remove()
 				}
