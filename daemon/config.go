@@ -28,6 +28,8 @@ type Config struct {
 	// Source, instead of MemFile or Snapshot, is a source opened by the caller (package fleet
 	// shares one among the daemons of its VMs). The daemon does not close it: its owner does,
 	// after Serve returned. A *snapshot.Snapshot is served as a packed snapshot (working set).
+	// With Source, MemFile may name the memory file it was opened from (it is not opened
+	// again): a StateDir needs to know which bytes its VMs were served.
 	Source source.Source
 	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
 	// snapshot.DefaultCacheSize).

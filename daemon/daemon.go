@@ -59,7 +59,7 @@ type Daemon struct {
 // New opens the memory file and listens on the socket.
 func New(cfg Config) (*Daemon, error) {
 	given := cfg.Source != nil
-	if cfg.Socket == "" || (given && (cfg.MemFile != "" || cfg.Snapshot != "")) || (!given && (cfg.MemFile == "") == (cfg.Snapshot == "")) {
+	if cfg.Socket == "" || (given && cfg.Snapshot != "") || (!given && (cfg.MemFile == "") == (cfg.Snapshot == "")) {
 		return nil, errors.New("daemon: a socket path and one of a memory file, a snapshot directory or an opened source are required")
 	}
 	if _, packed := cfg.Source.(*snapshot.Snapshot); cfg.Record && cfg.Snapshot == "" && !packed {

@@ -199,6 +199,9 @@ func (s *Server) start(b *binding, takeover bool) (client.VM, error) {
 	cfg.Socket, cfg.MemFile, cfg.Snapshot, cfg.Source, cfg.Record = b.spec.Socket, "", "", sh.src, b.spec.Record
 	cfg.Logger = s.log.With("vm_id", b.id)
 	cfg.StateDir, cfg.Takeover = s.bindingDir(b.id), takeover
+	if sh.kind == kindMemFile {
+		cfg.MemFile = sh.ref // its name, for the state directory
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
 		s.release(sh)
