@@ -32,6 +32,25 @@
 // its pages are the kernel's page cache. A snapshot is closed when the last binding using it
 // is gone.
 //
+// # State directory: crashes and upgrades
+//
+// With Config.StateDir the server keeps its bindings in StateDir/fleet.json (a format name and
+// version, the bindings, a SHA-256 of them; written to a temporary file, fsynced and renamed on
+// every PUT and DELETE; a corrupt file or one of another version fails ListenControl with
+// daemon.ErrStateCorrupt or daemon.ErrStateVersion), holds the flock StateDir/fleet.lock, and
+// gives each binding's daemon the state directory StateDir/bindings/<id> (removed when a
+// deleted binding is gone). ListenControl on a state directory whose fleet died makes every
+// binding of fleet.json again — their daemons recover their VMs — and then listens on the
+// control socket. With Config.Takeover it connects to the running fleet's
+// StateDir/control-handoff.sock instead: the old fleet refuses PUT and DELETE (503), stops
+// accepting on the control socket without closing it and passes it over (SCM_RIGHTS) with its
+// lock; the new one starts every binding's daemon with daemon.Config.Takeover, each taking its
+// VMs over from the old binding's daemon, serves the control API on the socket received, and
+// says done; the old fleet's Done is closed once each of its bindings' daemons has returned
+// (bindings a DELETE was draining stay with it until their VMs exit). A takeover that finds no
+// live fleet recovers as after a crash; one that fails before done leaves the old fleet serving
+// the control API again.
+//
 // # File descriptors
 //
 // The Server owns the control socket and the opened snapshots (their files, mappings and
