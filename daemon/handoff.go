@@ -60,38 +60,32 @@ const handoffTimeout = 30 * time.Second
 // everything, before it resumes a VM: a test makes the successor die there.
 var testHookTakeover func()
 
-func sendHandoff(c *net.UnixConn, m handoffMsg, fds ...int) error {
-	b, _ := json.Marshal(m)
-	return SendPacket(c, b, fds...)
-}
+func sendHandoff(c *net.UnixConn, m handoffMsg, fds ...int) error { return SendPacket(c, m, fds...) }
 
-// SendPacket sends b as one packet on a SOCK_SEQPACKET connection, with copies of fds
+// SendPacket sends v as JSON in one packet on a SOCK_SEQPACKET connection, with copies of fds
 // (SCM_RIGHTS): the hand-off sockets' transport.
-func SendPacket(c *net.UnixConn, b []byte, fds ...int) error {
+func SendPacket(c *net.UnixConn, v any, fds ...int) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
 	var oob []byte
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
 	}
-	_, _, err := c.WriteMsgUnix(b, oob, nil)
+	_, _, err = c.WriteMsgUnix(b, oob, nil)
 	return err
 }
 
 func recvHandoff(c *net.UnixConn) (handoffMsg, []int, error) {
-	b, fds, err := RecvPacket(c)
-	if err != nil {
-		return handoffMsg{}, nil, err
-	}
 	var m handoffMsg
-	if err := json.Unmarshal(b, &m); err != nil {
-		closeFDs(fds)
-		return handoffMsg{}, nil, fmt.Errorf("hand-off message: %w", err)
-	}
-	return m, fds, nil
+	fds, err := RecvPacket(c, &m)
+	return m, fds, err
 }
 
-// RecvPacket receives one packet (at most 64 KiB) sent by SendPacket, and the fds that came
-// with it, waiting at most 30 s. An empty packet is the peer gone: an error.
-func RecvPacket(c *net.UnixConn) ([]byte, []int, error) {
+// RecvPacket receives one packet (at most 64 KiB) sent by SendPacket into v, and the fds that
+// came with it, waiting at most 30 s. An empty packet is the peer gone: an error.
+func RecvPacket(c *net.UnixConn, v any) ([]int, error) {
 	b := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(64*4))
 	c.SetReadDeadline(time.Now().Add(handoffTimeout))
@@ -109,11 +103,16 @@ func RecvPacket(c *net.UnixConn) ([]byte, []int, error) {
 	if err == nil && n == 0 {
 		err = errors.New("hand-off connection closed")
 	}
+	if err == nil {
+		if err = json.Unmarshal(b[:n], v); err != nil {
+			err = fmt.Errorf("hand-off message: %w", err)
+		}
+	}
 	if err != nil {
 		closeFDs(fds)
-		return nil, nil, err
+		return nil, err
 	}
-	return b[:n], fds, nil
+	return fds, nil
 }
 
 func closeFDs(fds []int) {

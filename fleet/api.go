@@ -162,7 +162,7 @@ func (s *Server) listenControl(path string) error {
 			}
 			// Everything is ours: the predecessor exits once its bindings' daemons have
 			// returned.
-			daemon.SendPacket(prev, []byte(`{"op":"done"}`))
+			sendMsg(prev, handoffMsg{Op: "done"})
 			prev.Close()
 		}
 	}

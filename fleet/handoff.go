@@ -4,7 +4,6 @@ package fleet
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -44,22 +43,12 @@ type handoffMsg struct {
 var errHandingOver = &client.Error{Status: http.StatusServiceUnavailable,
 	Message: "the daemon is handing over to its successor (a live upgrade): retry in a moment"}
 
-func sendMsg(c *net.UnixConn, m handoffMsg, fds ...int) error {
-	b, _ := json.Marshal(m)
-	return daemon.SendPacket(c, b, fds...)
-}
+func sendMsg(c *net.UnixConn, m handoffMsg, fds ...int) error { return daemon.SendPacket(c, m, fds...) }
 
 func recvMsg(c *net.UnixConn) (handoffMsg, []int, error) {
-	b, fds, err := daemon.RecvPacket(c)
-	if err != nil {
-		return handoffMsg{}, nil, err
-	}
 	var m handoffMsg
-	if err := json.Unmarshal(b, &m); err != nil {
-		closeFDs(fds)
-		return handoffMsg{}, nil, fmt.Errorf("hand-off message: %w", err)
-	}
-	return m, fds, nil
+	fds, err := daemon.RecvPacket(c, &m)
+	return m, fds, err
 }
 
 func closeFDs(fds []int) {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/fleet/client"
+	"github.com/faultline-go/faultline/internal/atomicfile"
 )
 
 // The fleet's files in Config.StateDir.
@@ -152,28 +153,12 @@ func (s *Server) save() error {
 		return err
 	}
 	path := filepath.Join(s.cfg.StateDir, stateFile)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("fleet: %w", err)
-	}
-	_, err = f.Write(append(fj, '\n'))
+	f, err := os.OpenFile(path+".tmp", os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
+		err = atomicfile.Commit(f, path, append(fj, '\n'), 0o600, true)
 	}
 	if err != nil {
-		os.Remove(tmp)
 		return fmt.Errorf("fleet: writing %s: %w", path, err)
-	}
-	if d, err := os.Open(s.cfg.StateDir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }

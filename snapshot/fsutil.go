@@ -7,6 +7,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/faultline-go/faultline/internal/atomicfile"
 )
 
 // tmpPrefix starts the name of every file this package writes before renaming it into place.
@@ -37,39 +39,8 @@ func writeFileAtomic(dir, name string, data []byte, perm os.FileMode) error {
 // fsyncs path's directory too (without, the caller syncs it once for many files). On error the
 // temp file is removed.
 func commitTemp(f *os.File, path string, data []byte, perm os.FileMode, dirSync bool) error {
-	tmp := f.Name()
-	_, err := f.Write(data)
-	if err == nil {
-		err = f.Chmod(perm)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if dirSync {
-		return syncDir(filepath.Dir(path))
-	}
-	return nil
+	return atomicfile.Commit(f, path, data, perm, dirSync)
 }
 
 // syncDir makes the directory entries of dir (renames into it) durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
+func syncDir(dir string) error { return atomicfile.SyncDir(dir) }
