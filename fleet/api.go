@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -189,8 +190,17 @@ func (s *Server) listenControl(path string) error {
 // serveControlLocked serves the control API on s.ctl until the server is done or hands over.
 func (s *Server) serveControlLocked() {
 	s.ctlLn = &ctlListener{UnixListener: s.ctl.UnixListener}
-	s.http = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
-	s.served = make(chan struct{})
+	conns := &sync.WaitGroup{}
+	s.http = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second,
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				conns.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				conns.Done()
+			}
+		}}
+	s.served, s.conns = make(chan struct{}), conns
 	srv, ln, served := s.http, s.ctlLn, s.served
 	go func() {
 		srv.Serve(ln)

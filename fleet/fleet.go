@@ -70,7 +70,8 @@ type Server struct {
 	ctl      *daemon.Listener
 	ctlLn    *ctlListener
 	http     *http.Server
-	served   chan struct{} // closed when http's Serve returned
+	served   chan struct{}   // closed when http's Serve returned
+	conns    *sync.WaitGroup // http's connections open
 	stopOnce sync.Once
 	done     chan struct{}
 

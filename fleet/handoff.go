@@ -3,7 +3,6 @@
 package fleet
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -156,7 +155,7 @@ func (s *Server) handOver(c *net.UnixConn, succ int32) bool {
 		return false
 	}
 	s.handingOver = true
-	srv, ln, served, hl := s.http, s.ctlLn, s.served, s.handoffLn
+	srv, ln, served, conns, hl := s.http, s.ctlLn, s.served, s.conns, s.handoffLn
 	s.mu.Unlock()
 	s.log.Info("hand-off: a successor takes the fleet over", "successor_pid", succ, "bindings", len(s.List()))
 	s.ops.Wait() // PUT and DELETE in progress end, saved
@@ -165,9 +164,20 @@ func (s *Server) handOver(c *net.UnixConn, succ int32) bool {
 	ln.paused.Store(true)
 	s.ctl.SetDeadline(time.Unix(1, 0))
 	<-served
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	srv.Shutdown(ctx)
-	cancel()
+	// Not Shutdown, which drops a connection accepted whose request it has not read yet: with
+	// keep-alives off each connection closes after its answer (idle ones now), and the
+	// requests of those accepted are answered here.
+	srv.SetKeepAlivesEnabled(false)
+	closed := make(chan struct{})
+	go func() {
+		conns.Wait()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second): // a request stuck: ReadHeaderTimeout bounds a silent one
+		srv.Close()
+	}
 	lf, err := s.ctl.File()
 	if err == nil {
 		err = sendMsg(c, handoffMsg{Op: "listener", Socket: s.ctl.Path()}, int(lf.Fd()), int(s.lock.Fd()))
