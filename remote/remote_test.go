@@ -653,3 +653,46 @@ func TestWarm(t *testing.T) {
 		t.Fatalf("warmed %d chunks of %d", st.Warmed, files)
 	}
 }
+
+// A push interrupted part-way leaves no manifest in the bucket (nothing there looks like a
+// snapshot), and pushing again uploads only what is missing and makes the snapshot whole.
+func TestPushInterrupted(t *testing.T) {
+	const size = 16 << 20
+	srv := s3test.Start(t)
+	dir := packed(t, size, 8)
+	c := newClient(t, srv, srv.Endpoint, "s3://snaps/int")
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err := Push(ctx, dir, c, PushOptions{Parallel: 1, Progress: func(done, total int64) {
+		if done > total/3 {
+			cancel() // a third of the way: the push is killed
+		}
+	}})
+	if err == nil {
+		t.Fatal("the interrupted push succeeded")
+	}
+	if _, err := c.GetBytes(context.Background(), "int/manifest.json"); err == nil {
+		t.Fatal("an interrupted push left a manifest in the bucket")
+	}
+	if _, _, _, err := openRemoteWith(t, srv, srv.Endpoint, "s3://snaps/int", t.TempDir(), 1<<30, FilesOptions{}); err == nil {
+		t.Fatal("the half-pushed snapshot opened")
+	}
+	first, err := Push(context.Background(), dir, c, PushOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Skipped == 0 || first.Uploaded == 0 {
+		t.Fatalf("the second push: %+v, want some objects skipped (uploaded before the interruption) and the rest uploaded", first)
+	}
+	s, _, _, err := openRemoteWith(t, srv, srv.Endpoint, "s3://snaps/int", t.TempDir(), 1<<30, FilesOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, err := snapshot.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	if !bytes.Equal(image(t, s, size), image(t, local, size)) {
+		t.Fatal("the re-pushed snapshot's image differs from the local one's")
+	}
+}
