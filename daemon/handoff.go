@@ -322,7 +322,7 @@ func (d *Daemon) handOver(c *net.UnixConn, succ int32, succPidfd int) bool {
 			continue
 		}
 		if fd := connFD(ec); fd >= 0 {
-			err = sendHandoff(c, handoffMsg{Op: "vm", Conn: true}, fd)
+			err = sendHandoff(c, handoffMsg{Op: "conn"}, fd) // what the successor reads as "a connection accepted but not served yet"
 			unix.Close(fd)
 		}
 		ec.Close()
