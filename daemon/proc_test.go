@@ -17,6 +17,7 @@ import (
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/engine"
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
 
@@ -78,7 +79,7 @@ type daemonProc struct {
 	t       testing.TB
 	cmd     *exec.Cmd
 	lines   chan string
-	stderr  *syncBuffer
+	stderr  *syncbuf.Buffer
 	exited  chan struct{}
 	err     error // the exit, once exited is closed
 	Started time.Time
@@ -93,7 +94,7 @@ func startDaemon(t testing.TB, s daemonSpec) (*daemonProc, error) {
 	js, _ := json.Marshal(s)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envTestDaemon+"="+string(js))
-	p := &daemonProc{t: t, cmd: cmd, lines: make(chan string, 16), stderr: &syncBuffer{}, exited: make(chan struct{}),
+	p := &daemonProc{t: t, cmd: cmd, lines: make(chan string, 16), stderr: &syncbuf.Buffer{}, exited: make(chan struct{}),
 		reports: make(chan daemon.Report, 64)}
 	cmd.Stderr = p.stderr
 	stdout, err := cmd.StdoutPipe()
@@ -104,7 +105,9 @@ func startDaemon(t testing.TB, s daemonSpec) (*daemonProc, error) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	scanned := make(chan struct{})
 	go func() {
+		defer close(scanned)
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			l := sc.Text()
@@ -120,6 +123,9 @@ func startDaemon(t testing.TB, s daemonSpec) (*daemonProc, error) {
 		close(p.lines)
 	}()
 	go func() {
+		// Wait closes the stdout pipe: only after everything the daemon wrote was read (its
+		// last line may be the ERROR a test waits for).
+		<-scanned
 		p.err = cmd.Wait()
 		close(p.exited)
 	}()
