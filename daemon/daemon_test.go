@@ -3,7 +3,6 @@
 package daemon_test
 
 import (
-	"bytes"
 	"fmt"
 	"log/slog"
 	"os"
@@ -19,6 +18,7 @@ import (
 	"github.com/faultline-go/faultline/firecracker"
 	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
 
@@ -36,35 +36,17 @@ func snapshot(t testing.TB, size int) string {
 	return p
 }
 
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type fixture struct {
 	t       *testing.T
 	d       *daemon.Daemon
-	logs    *syncBuffer
+	logs    *syncbuf.Buffer
 	reports chan daemon.Report
 	served  chan error
 }
 
 func start(t *testing.T, memFile string, mod func(*daemon.Config)) *fixture {
 	t.Helper()
-	f := &fixture{t: t, logs: &syncBuffer{}, reports: make(chan daemon.Report, 16), served: make(chan error, 1)}
+	f := &fixture{t: t, logs: &syncbuf.Buffer{}, reports: make(chan daemon.Report, 16), served: make(chan error, 1)}
 	cfg := daemon.Config{
 		Socket: filepath.Join(t.TempDir(), "uffd.sock"), MemFile: memFile,
 		Logger:  slog.New(slog.NewTextHandler(f.logs, nil)),

@@ -13,6 +13,7 @@ import (
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/firecracker"
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/uffd"
 )
 
@@ -23,7 +24,7 @@ import (
 func TestEngineLogsThroughDaemonLogger(t *testing.T) {
 	const size = 1 << 20
 	mem := snapshot(t, size)
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	f := start(t, mem, func(c *daemon.Config) {
 		c.OnFailure = daemon.LogOnly
 		c.Logger = slog.New(slog.NewJSONHandler(logs, nil))

@@ -19,6 +19,7 @@ import (
 	"github.com/faultline-go/faultline/chunkcache"
 	"github.com/faultline-go/faultline/daemon"
 	"github.com/faultline-go/faultline/internal/s3test"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 	"github.com/faultline-go/faultline/remote"
 	snap "github.com/faultline-go/faultline/snapshot"
@@ -34,7 +35,7 @@ type bucketSnapshot struct {
 	dir  string
 	url  string
 	m    *snap.Manifest
-	logs *syncBuffer // what Files logs (objects that failed verification)
+	logs *syncbuf.Buffer // what Files logs (objects that failed verification)
 }
 
 func pushSnapshot(t *testing.T, size int) *bucketSnapshot {
@@ -48,7 +49,7 @@ func pushSnapshot(t *testing.T, size int) *bucketSnapshot {
 	if err := snap.WriteWorkingSet(dir, pages); err != nil {
 		t.Fatal(err)
 	}
-	b := &bucketSnapshot{srv: srv, dir: dir, url: "s3://snaps/vm", logs: &syncBuffer{}}
+	b := &bucketSnapshot{srv: srv, dir: dir, url: "s3://snaps/vm", logs: &syncbuf.Buffer{}}
 	if _, err := remote.Push(context.Background(), dir, b.client(t, srv.Endpoint), remote.PushOptions{}); err != nil {
 		t.Fatal(err)
 	}

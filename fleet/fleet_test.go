@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +20,7 @@ import (
 	"github.com/faultline-go/faultline/fleet"
 	"github.com/faultline-go/faultline/fleet/client"
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 	"github.com/faultline-go/faultline/snapshot"
 )
@@ -47,36 +47,19 @@ func packed(t testing.TB, size int, seed uint64) string {
 	return dir
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type fixture struct {
 	t    *testing.T
 	s    *fleet.Server
 	c    *client.Client
 	ctl  string
 	dir  string // for sockets
-	logs *syncBuffer
+	logs *syncbuf.Buffer
 }
 
 // start runs a fleet server with its control socket in a temporary directory.
 func start(t *testing.T, mod func(*fleet.Config)) *fixture {
 	t.Helper()
-	f := &fixture{t: t, dir: t.TempDir(), logs: &syncBuffer{}}
+	f := &fixture{t: t, dir: t.TempDir(), logs: &syncbuf.Buffer{}}
 	cfg := fleet.Config{Daemon: daemon.Config{
 		Logger: slog.New(slog.NewTextHandler(f.logs, nil)),
 		Engine: engine.Options{FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}},

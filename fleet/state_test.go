@@ -19,6 +19,7 @@ import (
 	"github.com/faultline-go/faultline/internal/cli"
 	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
 
@@ -36,7 +37,7 @@ const (
 
 type serveProc struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *syncbuf.Buffer
 	exited chan struct{}
 	err    error // once exited is closed
 }
@@ -44,7 +45,7 @@ type serveProc struct {
 func startServe(t *testing.T, args ...string) *serveProc {
 	t.Helper()
 	js, _ := json.Marshal(append([]string{"serve"}, args...))
-	p := &serveProc{cmd: exec.Command(os.Args[0], "-test.run=^$"), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &serveProc{cmd: exec.Command(os.Args[0], "-test.run=^$"), stderr: &syncbuf.Buffer{}, exited: make(chan struct{})}
 	p.cmd.Env = append(os.Environ(), envTestServe+"="+string(js))
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {

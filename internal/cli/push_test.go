@@ -15,6 +15,7 @@ import (
 
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/s3test"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 	"github.com/faultline-go/faultline/snapshot"
 )
@@ -122,7 +123,7 @@ func TestServeS3(t *testing.T) {
 	}
 	serve := func(args []string, then func()) string {
 		t.Helper()
-		var logs lockedBuffer
+		var logs syncbuf.Buffer
 		code := make(chan int, 1)
 		go func() { code <- Run(append([]string{"serve"}, args...), io.Discard, &logs) }()
 		then()

@@ -3,7 +3,6 @@
 package cli
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -12,35 +11,18 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 )
 
 func TestMain(m *testing.M) {
 	puppet.Main()
 	os.Exit(m.Run())
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // vmTouched waits for the socket, starts a VMM of 8 MiB on it (killed when the test ends) and
@@ -93,7 +75,7 @@ func TestServeDrainOnSIGTERM(t *testing.T) {
 	puppet.Fill(b, 9, 0)
 	os.WriteFile(mem, b, 0o600)
 	sock := filepath.Join(dir, "fc.sock")
-	var stderr lockedBuffer
+	var stderr syncbuf.Buffer
 	code := make(chan int, 1)
 	go func() {
 		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--metrics-addr", "127.0.0.1:0"}, io.Discard, &stderr)
@@ -150,7 +132,7 @@ func TestServeSecondSignalExits(t *testing.T) {
 	mem := filepath.Join(dir, "mem")
 	os.WriteFile(mem, make([]byte, 4<<20), 0o600)
 	sock := filepath.Join(dir, "fc.sock")
-	var stderr lockedBuffer
+	var stderr syncbuf.Buffer
 	code := make(chan int, 1)
 	go func() {
 		code <- Run([]string{"serve", "--socket", sock, "--mem-file", mem, "--on-failure", "log"}, io.Discard, &stderr)
@@ -185,7 +167,7 @@ func TestServeTakeover(t *testing.T) {
 	os.WriteFile(mem, b, 0o600)
 	sock, state := filepath.Join(dir, "fc.sock"), filepath.Join(dir, "state")
 	args := []string{"serve", "--socket", sock, "--mem-file", mem, "--state-dir", state}
-	var errA, errB lockedBuffer
+	var errA, errB syncbuf.Buffer
 	codeA, codeB := make(chan int, 1), make(chan int, 1)
 	go func() { codeA <- Run(args, io.Discard, &errA) }()
 	m := vmTouched(t, sock)
@@ -221,7 +203,7 @@ func TestServeTakeover(t *testing.T) {
 }
 
 func TestServeUsage(t *testing.T) {
-	var out lockedBuffer
+	var out syncbuf.Buffer
 	if c := Run([]string{"serve", "--socket", "/x", "--mem-file", "/m", "--takeover"}, io.Discard, &out); c != 2 || !strings.Contains(out.String(), "--takeover needs --state-dir") {
 		t.Fatalf("--takeover without --state-dir: exit %d: %s", c, out.String())
 	}
@@ -243,7 +225,7 @@ func TestServeUsage(t *testing.T) {
 }
 
 func TestDemo(t *testing.T) {
-	var out lockedBuffer
+	var out syncbuf.Buffer
 	if c := Run([]string{"demo", "--size", "16M", "--threads", "2"}, &out, &out); c != 0 {
 		t.Fatalf("demo exit %d:\n%s", c, out.String())
 	}

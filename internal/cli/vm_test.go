@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/faultline-go/faultline/internal/puppet"
+	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
 	"github.com/faultline-go/faultline/snapshot"
 )
@@ -37,7 +38,7 @@ func TestVMCommandsEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctl, sockA, sockB := filepath.Join(dir, "control.sock"), filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock")
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	code := make(chan int, 1)
 	go func() {
 		code <- Run([]string{"serve", "--control", ctl, "--socket", sockA, "--snapshot", snapA, "--max-vms", "2", "--metrics-addr", "127.0.0.1:0"}, io.Discard, &logs)
@@ -168,7 +169,7 @@ func TestServeControlUsage(t *testing.T) {
 		{[]string{"serve", "--control", ctl, "--socket", "/x"}, "--socket and one of"},
 		{[]string{"serve", "--control", ctl, "--cache-size", "64M", "--min-snapshot-cache", "128M"}, "at most --cache-size"},
 	} {
-		var out lockedBuffer
+		var out syncbuf.Buffer
 		if c := Run(tc.args, io.Discard, &out); c != 2 || !strings.Contains(out.String(), tc.msg) {
 			t.Errorf("%q: exit %d: %s", tc.args, c, out.String())
 		}

@@ -9,7 +9,6 @@
 package s3test
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -26,6 +25,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/faultline-go/faultline/internal/syncbuf"
 )
 
 // Version is the versitygw release the tests are written against.
@@ -75,7 +76,7 @@ type Server struct {
 	addr string
 	mu   sync.Mutex
 	cmd  *exec.Cmd
-	log  *syncBuffer
+	log  *syncbuf.Buffer
 	// exited receives the process's end: the goroutine that waits for it owns cmd.Wait.
 	exited chan error
 }
@@ -124,7 +125,7 @@ func (s *Server) start() error {
 	if s.cmd != nil {
 		return nil
 	}
-	log := &syncBuffer{}
+	log := &syncbuf.Buffer{}
 	cmd := exec.Command(s.bin, "--port", s.addr, "--access", s.Access, "--secret", s.Secret, "posix", s.Dir)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -182,24 +183,6 @@ func (s *Server) Log() string {
 		return ""
 	}
 	return s.log.String()
-}
-
-// syncBuffer is a bytes.Buffer written by the process's output copiers and read by Log.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // A Proxy forwards HTTP requests to a server, counting them, and answers the requests a test
