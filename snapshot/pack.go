@@ -467,12 +467,7 @@ func (w *packer) pack(j packJob) packResult {
 	}
 	nf := m.framesIn(j.idx)
 	fpp := m.FrameSize / m.PageSize
-	// Per frame: its payload's length and hash.
-	type fr struct {
-		at, n int64
-		hash  [32]byte
-	}
-	frames := make([]fr, nf)
+	frames := make([]packFrame, nf)
 	var at int64
 	for k := range nf {
 		var n int64
@@ -481,25 +476,20 @@ func (w *packer) pack(j packJob) packResult {
 				n += min(m.PageSize, r.n-i*m.PageSize)
 			}
 		}
-		frames[k] = fr{at: at, n: n}
+		frames[k] = packFrame{at: at, n: n}
 		if n > 0 {
 			frames[k].hash = sha256.Sum256(buf[at : at+n])
 		}
 		at += n
 	}
-	hashes := make([][32]byte, nf)
-	payloads := make([]int64, nf)
-	for k, f := range frames {
-		hashes[k], payloads[k] = f.hash, f.n
-	}
 	hash := chunkHash(npages, func(i int64) bool { return r.zero[i] }, func(k int) *[32]byte {
-		if payloads[k] == 0 {
+		if frames[k].n == 0 {
 			return nil
 		}
-		return &hashes[k]
+		return &frames[k].hash
 	}, nf)
 	name := m.chunkFileName(ChunkEntry{Hash: hash})
-	if t, size, err := w.existing(name, hashes, payloads); err == nil {
+	if t, size, err := w.existing(name, frames); err == nil {
 		// The file is there (a store, a second pack into this directory, the same chunk
 		// twice) and holds these bytes: its frame table is the entry's.
 		r.entry = ChunkEntry{Hash: hash, Stored: size, Enc: EncFrames, Frames: t}
@@ -534,18 +524,25 @@ func (w *packer) pack(j packJob) packResult {
 	if errors.Is(r.err, os.ErrExist) {
 		// Another pack into the store wrote it meanwhile: use its file, never replace it
 		// (its snapshot's manifest holds that file's frame table).
-		t, size, err := w.existing(name, hashes, payloads)
+		t, size, err := w.existing(name, frames)
 		r.entry, r.reused, r.err = ChunkEntry{Hash: hash, Stored: size, Enc: EncFrames, Frames: t}, true, err
 	}
 	return r
 }
 
+// A packFrame is one frame of a chunk being packed: its payload's place in the packed buffer,
+// its length and its hash.
+type packFrame struct {
+	at, n int64
+	hash  [32]byte
+}
+
 // existing checks the chunk file name already in the chunk directory and returns its frame
-// table and size: its frames must be those whose payload hashes and lengths are given, and
+// table and size: its frames must be those given (payload lengths and hashes), and
 // every stored frame must decompress to its hash. An error matching os.ErrNotExist means there
 // is no such file; any other is a file under the chunk's name that does not hold its bytes,
 // which pack never replaces (the snapshots using it hold its frame table): verify them.
-func (w *packer) existing(name string, hashes [][32]byte, payloads []int64) ([]byte, int64, error) {
+func (w *packer) existing(name string, frames []packFrame) ([]byte, int64, error) {
 	path := filepath.Join(w.chunkDir, name)
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -559,7 +556,7 @@ func (w *packer) existing(name string, hashes [][32]byte, payloads []int64) ([]b
 		return bad(err)
 	}
 	t = append([]byte(nil), t...)
-	recs, err := parseTable(len(payloads), t, func(k int) int64 { return payloads[k] })
+	recs, err := parseTable(len(frames), t, func(k int) int64 { return frames[k].n })
 	if err != nil {
 		return bad(err)
 	}
@@ -569,14 +566,14 @@ func (w *packer) existing(name string, hashes [][32]byte, payloads []int64) ([]b
 		if r.stored == 0 {
 			continue
 		}
-		if r.hash != hashes[k] {
+		if r.hash != frames[k].hash {
 			return bad(fmt.Errorf("frame %d's hash differs", k))
 		}
 		if at+r.stored > int64(len(b)) {
 			return bad(errors.New("truncated"))
 		}
 		data := b[at : at+r.stored]
-		if r.stored < payloads[k] {
+		if r.stored < frames[k].n {
 			if buf, err = w.dec.DecodeAll(data, buf[:0]); err != nil {
 				return bad(fmt.Errorf("frame %d: zstd: %v", k, err))
 			}

@@ -199,7 +199,8 @@ const wsFrames = 4
 // A wsFrame is one frame in the pipeline: read by the reader, decoded by a decoder.
 type wsFrame struct {
 	idx   int
-	first int // its first order index
+	first int   // its first order index
+	at    int64 // its offset in the extent
 	comp  []byte
 	data  []byte
 	err   error
@@ -266,7 +267,7 @@ func (r *WorkingSetReader) read(work chan<- *wsFrame) {
 		case <-r.ctx.Done():
 			return
 		}
-		slot.idx, slot.first, slot.err, slot.done = i, first, nil, make(chan struct{})
+		slot.idx, slot.first, slot.at, slot.err, slot.done = i, first, at, nil, make(chan struct{})
 		first += fr.Entries
 		if cap(slot.comp) < int(fr.Stored) {
 			slot.comp = make([]byte, fr.Stored)
@@ -298,10 +299,7 @@ func (r *WorkingSetReader) frameError(i int, at int64, err error) error {
 // decode verifies and decompresses a frame read.
 func (r *WorkingSetReader) decode(slot *wsFrame) error {
 	fr := r.frames[slot.idx]
-	var at int64
-	for _, f := range r.frames[:slot.idx] {
-		at += f.Stored
-	}
+	at := slot.at
 	if fr.Raw == 0 {
 		slot.data = slot.data[:0]
 		return nil
