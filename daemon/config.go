@@ -31,7 +31,7 @@ type Config struct {
 	// With Source, MemFile may name the memory file it was opened from (it is not opened
 	// again): a StateDir needs to know which bytes its VMs were served.
 	Source source.Source
-	// CacheSize bounds the decompressed chunks of a packed snapshot kept in memory (default
+	// CacheSize bounds the decompressed frames of a packed snapshot kept in memory (default
 	// snapshot.DefaultCacheSize).
 	CacheSize int64
 	// Record records the working set of the VMs served (the order in which their faults first

@@ -25,7 +25,7 @@
 // # Bounds
 //
 // At most Config.MaxVMs bindings exist at once, draining ones included (a PUT beyond it is 429).
-// The memory of decompressed chunks is bounded once per daemon, Config.CacheSize, shared by
+// The memory of decompressed frames is bounded once per daemon, Config.CacheSize, shared by
 // every packed snapshot open: each gets an equal share, resized as snapshots open and close
 // (snapshot.Snapshot.SetCacheSize), and a snapshot that would leave each share below
 // Config.MinCacheSize is refused (503) until another closes. A raw memory file costs no share:

@@ -34,7 +34,7 @@ type Config struct {
 	Daemon daemon.Config
 	// MaxVMs bounds the bindings (default DefaultMaxVMs).
 	MaxVMs int
-	// CacheSize bounds the decompressed chunks kept in memory over every packed snapshot open
+	// CacheSize bounds the decompressed frames kept in memory over every packed snapshot open
 	// (default snapshot.DefaultCacheSize); each open snapshot gets an equal share.
 	// MinCacheSize is the smallest share (default DefaultMinCacheSize, at most CacheSize): a
 	// snapshot whose opening would make the shares smaller is refused.

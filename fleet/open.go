@@ -43,7 +43,7 @@ type shared struct {
 	counted        bool       // it counts in Server.sized
 }
 
-// OpenLocal opens a local snapshot reference: a packed snapshot directory, with a chunk cache of
+// OpenLocal opens a local snapshot reference: a packed snapshot directory, with a frame cache of
 // cacheSize bytes, or a raw memory file (a regular file) mapped read-only.
 func OpenLocal(path string, cacheSize int64) (source.Source, error) {
 	fi, err := os.Stat(path)

@@ -34,7 +34,7 @@ type ContextReader interface {
 }
 
 // Cached is a Source of which some ranges are resident now and others not (a cache of
-// decompressed chunks, a local base under a remote diff): the engine installs the resident ones
+// decompressed frames, a local base under a remote diff): the engine installs the resident ones
 // straight from memory on the fault path and reads the rest off it.
 type Cached interface {
 	// Cached returns the image bytes [off, off+n) if all of them are resident now, else false.

@@ -46,7 +46,7 @@ type RestoreOptions struct {
 	// DropCaches drops the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before every
 	// cold case: needs root. Without it "cold" cases run on whatever the cache holds.
 	DropCaches bool
-	// CacheSize bounds the daemon's decompressed chunks (0: snapshot.DefaultCacheSize, as serve);
+	// CacheSize bounds the daemon's decompressed frames (0: snapshot.DefaultCacheSize, as serve);
 	// ChunkSize and FrameSize are the packed snapshot's (0: pack's defaults).
 	CacheSize, ChunkSize, FrameSize int64
 	// Cases are the cases to run (default RestoreCases); the recording run always runs.

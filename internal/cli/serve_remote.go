@@ -32,7 +32,7 @@ func addRemoteFlags(fs *flag.FlagSet) remoteFlags {
 		endpoint: fs.String("s3-endpoint", "", s3EndpointUsage),
 		cacheDir: fs.String("cache-dir", "", "disk cache of the chunks of s3:// snapshots, bounded by --cache-size; this daemon owns it, "+
 			"all its VMs and snapshots share it (default: a temporary directory bounded by 4G, removed at exit)"),
-		memCache: fs.String("mem-cache-size", "256M", "with --cache-dir: bound of the decompressed chunks kept in memory (what --cache-size is without it)"),
+		memCache: fs.String("mem-cache-size", "256M", "with --cache-dir: bound of the decompressed frames kept in memory (what --cache-size is without it)"),
 		warm: fs.Bool("warm-cache", true, "fetch an s3:// snapshot's chunks into the disk cache in the background from its open, "+
 			"once its working set has streamed, when they fit in half of the cache (faults' fetches go first)"),
 	}
@@ -66,7 +66,7 @@ func (r *remoteServe) open(ref string, cacheSize int64) (source.Source, error) {
 
 // openSnapshot checks the bucket and its credentials (so that a snapshot that cannot be read
 // fails at its open, not at a VM's first fault) and opens the snapshot through the disk cache,
-// with cacheSize bytes of decompressed chunks in memory.
+// with cacheSize bytes of decompressed frames in memory.
 func (r *remoteServe) openSnapshot(url string, cacheSize int64) (*snapshot.Snapshot, error) {
 	c, err := newRemoteClient(url, *r.rf.endpoint)
 	if err != nil {
