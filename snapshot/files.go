@@ -40,12 +40,15 @@ type Checker interface {
 }
 
 // DirFiles is the files of the snapshot in the local directory dir: the chunks in dir/chunks,
-// or in the shared store the manifest names.
+// or in the shared store the manifest names. It keeps up to maxOpenChunks chunk files open (a
+// miss would otherwise open and close its chunk file for one frame); a Snapshot opened on it
+// closes them when it closes.
 func DirFiles(dir string) Files { return &dirFiles{dir: dir, chunkDir: filepath.Join(dir, ChunksDir)} }
 
 type dirFiles struct {
 	dir      string
 	chunkDir string // set from the manifest's store by Manifest
+	open     openChunks
 }
 
 func (d *dirFiles) Manifest(context.Context) ([]byte, error) {
@@ -66,14 +69,16 @@ func (d *dirFiles) Manifest(context.Context) ([]byte, error) {
 }
 
 func (d *dirFiles) Chunk(_ context.Context, name string, size int64) (File, error) {
-	f, err := os.Open(filepath.Join(d.chunkDir, name))
-	if err != nil {
-		return nil, ioError(err)
-	}
-	// A read takes one frame of a chunk: the page cache must not read ahead the rest of it
-	// (up to read_ahead_kb), a cost the first fault on every chunk would pay.
-	adviseRandom(f)
-	return f, nil
+	return d.open.get(name, func() (*os.File, error) {
+		f, err := os.Open(filepath.Join(d.chunkDir, name))
+		if err != nil {
+			return nil, ioError(err)
+		}
+		// A read takes one frame of a chunk: the page cache must not read ahead the rest of
+		// it (up to read_ahead_kb), a cost the first fault on every chunk would pay.
+		adviseRandom(f)
+		return f, nil
+	})
 }
 
 func (d *dirFiles) Extent(_ context.Context, name string, size int64) (io.ReadCloser, error) {
@@ -85,7 +90,8 @@ func (d *dirFiles) Extent(_ context.Context, name string, size int64) (io.ReadCl
 	return f, nil
 }
 
-func (d *dirFiles) Corrupt(string) {}
+// Corrupt forgets the open file of name: the read again opens the path anew.
+func (d *dirFiles) Corrupt(name string) { d.open.forget(name) }
 
 func (d *dirFiles) Check(_ context.Context, name string, size int64) error {
 	return checkFileSize(filepath.Join(d.chunkDir, name), size)

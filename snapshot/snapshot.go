@@ -469,6 +469,9 @@ func (s *Snapshot) Close() error {
 	s.wsDec.Close()
 	s.decMu.Unlock()
 	s.cache.drop()
+	if d, ok := s.files.(*dirFiles); ok {
+		d.open.close() // reads still running keep their file until they are done
+	}
 	return nil
 }
 
