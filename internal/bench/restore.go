@@ -12,6 +12,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -72,14 +74,23 @@ type RestoreResult struct {
 	// Prefetched pages and the prefetch's time from the handshake (daemon report).
 	Prefetched   uint64        `json:"prefetched,omitempty"`
 	PrefetchTime time.Duration `json:"prefetch_ns,omitempty"`
+	// FaultP50 and FaultP99 estimate the daemon's fault latency, from reading a fault to its
+	// page installed (its VM report).
+	FaultP50 time.Duration `json:"fault_p50_ns,omitempty"`
+	FaultP99 time.Duration `json:"fault_p99_ns,omitempty"`
 	// ProcRead is /proc/PID/io read_bytes of the VMM (over the touches) plus this process, the
 	// daemon's (from before it opened the snapshot to the last touch); DiskRead the sectors read
 	// of the device holding the files (/proc/diskstats, system-wide: other processes' reads
 	// count too) over the same span.
 	ProcRead int64 `json:"proc_read_bytes"`
 	DiskRead int64 `json:"disk_read_bytes"`
+	// DiskReads are the device's reads over the same span, and DiskReadTime the time they
+	// took, summed (reads at once each count their whole time).
+	DiskReads    int64         `json:"disk_reads"`
+	DiskReadTime time.Duration `json:"disk_read_ns"`
 	// VMMCPU is the VMM's CPU time over the touches; DaemonCPU this process's (the daemon's,
-	// harness included) from before the daemon started to the last touch.
+	// harness included) from just before the VMM started to the last touch: a restore's work,
+	// not the daemon's start (opening the snapshot once, whatever VMs it then serves).
 	VMMCPU    time.Duration `json:"vmm_cpu_ns"`
 	DaemonCPU time.Duration `json:"daemon_cpu_ns"`
 	Verified  int           `json:"verified_pages"`
@@ -88,22 +99,27 @@ type RestoreResult struct {
 
 // RestoreReport is a whole run.
 type RestoreReport struct {
-	Size        int             `json:"size"`
-	CacheSize   int64           `json:"cache_size"`
-	ChunkSize   int64           `json:"chunk_size"`
-	FrameSize   int64           `json:"frame_size"`
-	Device      string          `json:"device"`
-	ReadAheadKB int             `json:"read_ahead_kb"`
-	TracePages  [2]int          `json:"trace_pages"` // A, B
-	Overlap     float64         `json:"overlap"`     // of B's pages, the fraction in A
-	Record      RestoreResult   `json:"record"`      // run 1: trace A with --record
-	WorkingSet  int             `json:"working_set_pages"`
-	WSStored    int64           `json:"working_set_bytes"` // its compressed extent
-	Image       int64           `json:"image_bytes"`
-	Packed      int64           `json:"packed_bytes"`
-	Results     []RestoreResult `json:"results"` // every rep
-	Medians     []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
-	Remote      []RemoteResult  `json:"remote,omitempty"`
+	Size        int     `json:"size"`
+	CacheSize   int64   `json:"cache_size"`
+	ChunkSize   int64   `json:"chunk_size"`
+	FrameSize   int64   `json:"frame_size"`
+	Device      string  `json:"device"`
+	ReadAheadKB int     `json:"read_ahead_kb"`
+	TracePages  [2]int  `json:"trace_pages"` // A, B
+	Overlap     float64 `json:"overlap"`     // of B's pages, the fraction in A
+	// NewRuns are trace B's runs with no page in A: no recording of A can prefetch them, so
+	// each is a fault its vCPU waits for. Threads and CPUs are the vCPU threads and this
+	// machine's CPUs.
+	NewRuns       int `json:"new_runs"`
+	Threads, CPUs int
+	Record        RestoreResult   `json:"record"` // run 1: trace A with --record
+	WorkingSet    int             `json:"working_set_pages"`
+	WSStored      int64           `json:"working_set_bytes"` // its compressed extent
+	Image         int64           `json:"image_bytes"`
+	Packed        int64           `json:"packed_bytes"`
+	Results       []RestoreResult `json:"results"` // every rep
+	Medians       []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
+	Remote        []RemoteResult  `json:"remote,omitempty"`
 }
 
 // Restore cases, in the order they run within a rep.
@@ -260,6 +276,16 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 		}
 	}
 	rep.Overlap = float64(shared) / float64(rep.TracePages[1])
+	for _, r := range traceB {
+		anyInA := false
+		for p := r.Page; p < r.Page+r.Count; p++ {
+			anyInA = anyInA || inA[p]
+		}
+		if !anyInA {
+			rep.NewRuns++
+		}
+	}
+	rep.Threads, rep.CPUs = o.Threads, runtime.NumCPU()
 
 	o.Progress("run 1: trace A (%d pages) with Record", rep.TracePages[0])
 	if rep.Record, err = rb.run("record-trace-A", traceA); err != nil {
@@ -285,8 +311,8 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 				return nil, fmt.Errorf("%s: %w", c, err)
 			}
 			res.Rep = i
-			o.Progress("rep %d/%d %-24s restore %8.1f ms  faults %6d  read %7.1f MiB", i+1, o.Reps, c,
-				float64(res.Restore)/1e6, res.Faults, float64(res.ProcRead)/(1<<20))
+			o.Progress("rep %d/%d %-24s restore %8.1f ms  faults %6d (p50 %v, p99 %v)  read %7.1f MiB", i+1, o.Reps, c,
+				float64(res.Restore)/1e6, res.Faults, res.FaultP50.Round(time.Microsecond), res.FaultP99.Round(time.Microsecond), float64(res.ProcRead)/(1<<20))
 			rep.Results = append(rep.Results, res)
 		}
 	}
@@ -361,6 +387,10 @@ func (rb *restoreBench) run(c string, t []puppet.TraceRun) (RestoreResult, error
 // runWith is run with the daemon's configuration changed by mod, if set.
 func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.Config)) (RestoreResult, error) {
 	res := RestoreResult{Case: c}
+	// A CPU profile (bench restore --cpuprofile) tells the cases apart by this label, which
+	// the daemon's goroutines started below inherit: pprof -tagfocus case=NAME.
+	defer pprof.SetGoroutineLabels(context.Background())
+	pprof.SetGoroutineLabels(pprof.WithLabels(context.Background(), pprof.Labels("case", c)))
 	switch {
 	case c == CaseFileWarm:
 		if err := readAll(rb.raw); err != nil {
@@ -381,7 +411,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 			}
 		}
 	}
-	disk0, err := diskSectorsRead(rb.dev)
+	disk0, err := readDiskStats(rb.dev)
 	if err != nil {
 		return res, err
 	}
@@ -417,6 +447,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		// still removes its socket file (by its inode, checked then removed: not atomic).
 		defer func() { d.Close(); <-d.Done() }()
 		go d.Serve()
+		cpu0 = cpuSelf()
 		m, err = vmm.Start(vmm.Options{Socket: d.Addr(), Regions: []vmm.Region{{Size: rb.o.Size}}, Trace: t})
 	}
 	if err != nil {
@@ -427,12 +458,14 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		m.Kill()
 		return res, err
 	}
-	disk1, _ := diskSectorsRead(rb.dev)
+	disk1, _ := readDiskStats(rb.dev)
 	read1, cpu1 := readBytesSelf(), cpuSelf()
 	res.Restore, res.Touch, res.Pages = tr.Restore, tr.Touch, tr.Pages
 	res.VMMCPU, res.DaemonCPU = tr.CPU, cpu1-cpu0
 	res.ProcRead = tr.ReadBytes + read1 - read0
-	res.DiskRead = (disk1 - disk0) * 512
+	res.DiskRead = (disk1.sectors - disk0.sectors) * 512
+	res.DiskReads = disk1.reads - disk0.reads
+	res.DiskReadTime = time.Duration(disk1.ms-disk0.ms) * time.Millisecond
 	if tr.Sigbus > 0 {
 		m.Kill()
 		return res, fmt.Errorf("%d pages raised SIGBUS", tr.Sigbus)
@@ -459,6 +492,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 			return res, fmt.Errorf("daemon: %s", r.Failure)
 		}
 		res.Faults, res.Prefetched, res.PrefetchTime = r.Faults, r.Prefetched, r.PrefetchTime
+		res.FaultP50, res.FaultP99 = r.P50, r.P99
 	case <-time.After(time.Minute):
 		return res, fmt.Errorf("no VM report from the daemon")
 	}
@@ -526,17 +560,75 @@ func blockDevice(dir string) (string, int, error) {
 	return name, ra, err
 }
 
-// diskSectorsRead is the sectors read from dev since boot (/proc/diskstats, 512-byte sectors).
-func diskSectorsRead(dev string) (int64, error) {
+// diskReads is dev's read counters since boot (/proc/diskstats).
+type diskReads struct {
+	reads, sectors int64 // reads completed; 512-byte sectors read
+	ms             int64 // milliseconds spent reading, summed over the reads
+}
+
+func readDiskStats(dev string) (diskReads, error) {
 	b, err := os.ReadFile("/proc/diskstats")
 	if err != nil {
-		return 0, err
+		return diskReads{}, err
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
-		if len(f) > 5 && f[2] == dev {
-			return strconv.ParseInt(f[5], 10, 64)
+		if len(f) > 6 && f[2] == dev {
+			var d diskReads
+			var errs [3]error
+			d.reads, errs[0] = strconv.ParseInt(f[3], 10, 64)
+			d.sectors, errs[1] = strconv.ParseInt(f[5], 10, 64)
+			d.ms, errs[2] = strconv.ParseInt(f[6], 10, 64)
+			for _, err := range errs {
+				if err != nil {
+					return diskReads{}, fmt.Errorf("/proc/diskstats %s: %w", dev, err)
+				}
+			}
+			return d, nil
 		}
 	}
-	return 0, fmt.Errorf("device %s not in /proc/diskstats", dev)
+	return diskReads{}, fmt.Errorf("device %s not in /proc/diskstats", dev)
+}
+
+// A RestoreBound is a floor under one of the targets' cases, measured in the same run: the
+// restore time that case cannot go below for the reason Why.
+type RestoreBound struct {
+	Target  string        // the RestoreTarget's Name
+	Floor   time.Duration // the case's restore cannot be shorter
+	Allowed time.Duration // the restore time that meets the target
+	Why     string
+}
+
+// Bounds are the floors under the two targets against the File backend.
+//
+// Cold: trace B's runs with no page in A cannot be known from A's recording, so each is a fault
+// its vCPU waits for while its frame is read from the cold disk; split over the vCPU threads, at
+// the device's mean read time in the on-demand case (reads of single frames), they take at
+// least Floor — before the working set's own bytes are read.
+//
+// Warm: the prefetch case's CPU time (daemon and VMM) spread over every CPU of the machine.
+func (r *RestoreReport) Bounds() []RestoreBound {
+	var out []RestoreBound
+	fileCold, ok1 := r.Median(CaseFileCold)
+	packed, ok2 := r.Median(CasePackedCold)
+	if ok1 && ok2 && packed.DiskReads > 0 && r.Threads > 0 {
+		perRead := packed.DiskReadTime / time.Duration(packed.DiskReads)
+		perVCPU := (r.NewRuns + r.Threads - 1) / r.Threads
+		out = append(out, RestoreBound{Target: RestoreTargets[0].Name,
+			Floor:   time.Duration(perVCPU) * perRead,
+			Allowed: time.Duration(float64(fileCold.Restore) / RestoreTargets[0].Bound),
+			Why: fmt.Sprintf("trace B has %d runs with no page in A (%d per vCPU), each a read from the cold disk its vCPU waits for: %v per read (the device's mean in %s)",
+				r.NewRuns, perVCPU, perRead.Round(time.Microsecond), CasePackedCold)})
+	}
+	fileWarm, ok1 := r.Median(CaseFileWarm)
+	warm, ok2 := r.Median(CasePrefetchWarm)
+	if ok1 && ok2 && r.CPUs > 0 {
+		cpu := warm.DaemonCPU + warm.VMMCPU
+		out = append(out, RestoreBound{Target: RestoreTargets[1].Name,
+			Floor:   cpu / time.Duration(r.CPUs),
+			Allowed: time.Duration(float64(fileWarm.Restore) * RestoreTargets[1].Bound),
+			Why: fmt.Sprintf("%s took %.1f ms of CPU (daemon %.1f, VMM %.1f) on %d CPUs: every page installed is allocated and copied (UFFDIO_COPY), most decompressed and verified first, where the File backend maps the cached page",
+				CasePrefetchWarm, float64(cpu)/1e6, float64(warm.DaemonCPU)/1e6, float64(warm.VMMCPU)/1e6, r.CPUs)})
+	}
+	return out
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/vmm"
@@ -38,6 +39,10 @@ func TestRestoreBenchTiny(t *testing.T) {
 	if rep.WorkingSet == 0 {
 		t.Fatal("no working set recorded")
 	}
+	_, b := RestoreTraces(32<<20/4096, 7)
+	if want := len(b) / 10; rep.NewRuns < want*8/10 || rep.NewRuns > want {
+		t.Errorf("%d of trace B's %d runs have no page in A, want about %d (every tenth replaced)", rep.NewRuns, len(b), want)
+	}
 	packed, _ := rep.Median(CasePackedCold)
 	pre, _ := rep.Median(CasePrefetchCold)
 	if pre.Prefetched == 0 || pre.Faults >= packed.Faults {
@@ -48,6 +53,31 @@ func TestRestoreBenchTiny(t *testing.T) {
 		t.Errorf("the File backend reported no page faults")
 	}
 	t.Logf("faults: file %d, packed %d, prefetch %d (%d prefetched); working set %d pages", file.Faults, packed.Faults, pre.Faults, pre.Prefetched, rep.WorkingSet)
+}
+
+// The floors are the arithmetic they claim: new runs per vCPU times the on-demand case's mean
+// device read, and the warm prefetch's CPU over the machine's CPUs.
+func TestRestoreBounds(t *testing.T) {
+	rep := &RestoreReport{NewRuns: 471, Threads: 2, CPUs: 2, Medians: []RestoreResult{
+		{Case: CaseFileCold, Restore: 400 * time.Millisecond},
+		{Case: CaseFileWarm, Restore: 20 * time.Millisecond},
+		{Case: CasePackedCold, DiskReads: 1000, DiskReadTime: 100 * time.Millisecond},
+		{Case: CasePrefetchWarm, DaemonCPU: 90 * time.Millisecond, VMMCPU: 10 * time.Millisecond},
+	}}
+	bs := rep.Bounds()
+	if len(bs) != 2 {
+		t.Fatalf("%d bounds, want 2: %+v", len(bs), bs)
+	}
+	if cold := bs[0]; cold.Target != RestoreTargets[0].Name || cold.Floor != 236*100*time.Microsecond || cold.Allowed != 40*time.Millisecond {
+		t.Errorf("cold bound %+v: want 236 runs × 100µs = 23.6ms, allowed 40ms", cold)
+	}
+	if warm := bs[1]; warm.Target != RestoreTargets[1].Name || warm.Floor != 50*time.Millisecond || warm.Allowed != 30*time.Millisecond {
+		t.Errorf("warm bound %+v: want 100ms CPU / 2 = 50ms, allowed 30ms", warm)
+	}
+	rep.Medians = rep.Medians[:2] // neither measured case: no bound
+	if bs := rep.Bounds(); len(bs) != 0 {
+		t.Errorf("bounds without their cases: %+v", bs)
+	}
 }
 
 // The check the benchmark relies on can fail: a VMM whose memory is not the reference image is
