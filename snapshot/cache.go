@@ -171,6 +171,27 @@ func (c *cache) peek(idx int) ([]byte, bool) {
 	return e.buf, true
 }
 
+// limitNow is the cache's bound now.
+func (c *cache) limitNow() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.limit
+}
+
+// reserve takes n bytes off the cache's bound for something else kept in memory within it (the
+// decoded working set), evicting what no longer fits; it fails, taking nothing, when that would
+// leave less than half the bound.
+func (c *cache) reserve(n int64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || n > c.limit/2 {
+		return false
+	}
+	c.limit -= n
+	c.evict()
+	return true
+}
+
 func (c *cache) recycle(b []byte) {
 	if len(c.free) < maxFree && !c.closed && int64(cap(b)) == c.unit {
 		c.free = append(c.free, b[:cap(b)])

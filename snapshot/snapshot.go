@@ -23,7 +23,9 @@ const DefaultCacheSize = 256 << 20
 // Options tune Open.
 type Options struct {
 	// CacheSize bounds the bytes of decompressed frames kept in memory (DefaultCacheSize when
-	// 0). Frames being read are held past the bound until their readers are done.
+	// 0). Frames being read are held past the bound until their readers are done. The working
+	// set, once streamed whole, is kept decoded within the same bound when it takes at most
+	// half of it (see OpenWorkingSet).
 	CacheSize int64
 }
 
@@ -42,6 +44,12 @@ type Snapshot struct {
 	cache  cache
 	comp   sync.Pool // *[]byte buffers for compressed frame bytes
 	closed atomic.Bool
+
+	// held is the working set's frames decoded and verified, kept by the first reader that
+	// streamed it whole (nil until then, and when it would not fit): later readers hand out
+	// runs from it without reading the extent.
+	heldMu sync.Mutex
+	held   [][]byte
 }
 
 var (
@@ -469,6 +477,9 @@ func (s *Snapshot) Close() error {
 	s.wsDec.Close()
 	s.decMu.Unlock()
 	s.cache.drop()
+	s.heldMu.Lock()
+	s.held = nil
+	s.heldMu.Unlock()
 	if d, ok := s.files.(*dirFiles); ok {
 		d.open.close() // reads still running keep their file until they are done
 	}
@@ -497,10 +508,20 @@ type CacheStats struct {
 	Hits      int64 // reads served by a frame already cached or being loaded
 	Evictions int64
 	Bytes     int64 // decompressed bytes held now
+	// WorkingSet is the bytes of the decoded working set held (0 if it is not).
+	WorkingSet int64
 }
 
 // CacheStats returns the cache's counters.
-func (s *Snapshot) CacheStats() CacheStats { return s.cache.stats() }
+func (s *Snapshot) CacheStats() CacheStats {
+	st := s.cache.stats()
+	s.heldMu.Lock()
+	for _, f := range s.held {
+		st.WorkingSet += int64(len(f))
+	}
+	s.heldMu.Unlock()
+	return st
+}
 
 // zeroPage reports whether b is all zero.
 func zeroPage(b []byte) bool {

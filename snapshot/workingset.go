@@ -143,6 +143,21 @@ func WriteWorkingSet(dir string, pages []uint64) error {
 	return nil
 }
 
+// hold keeps frames, the whole working set decoded, for the readers after this one, if none is
+// held yet and the cache gives up their bytes.
+func (s *Snapshot) hold(frames [][]byte) {
+	var n int64
+	for _, f := range frames {
+		n += int64(len(f))
+	}
+	s.heldMu.Lock()
+	defer s.heldMu.Unlock()
+	if s.held != nil || s.closed.Load() || !s.cache.reserve(n) {
+		return
+	}
+	s.held = frames
+}
+
 // Intersect returns the pages of a that are also in b, in a's order: the working set to keep
 // from two recordings (pages touched in only one run are likely input-specific).
 func Intersect(a, b []uint64) []uint64 {
@@ -172,7 +187,8 @@ type Run struct {
 // A WorkingSetReader streams a snapshot's working set in recorded order: one goroutine reads
 // the extent sequentially while two decompress and verify the frames it read, so that reading,
 // decompressing and installing overlap; Next hands out runs in order, each frame verified
-// before any of its pages.
+// before any of its pages. A reader of a snapshot whose working set is held decoded (see
+// OpenWorkingSet) hands out runs from memory instead.
 type WorkingSetReader struct {
 	s       *Snapshot
 	f       io.ReadCloser
@@ -188,6 +204,14 @@ type WorkingSetReader struct {
 	end     int           // order index where cur ends
 	data    []byte        // cur's payload not handed out yet
 	err     error         // the first error Next returned: every later call returns it
+
+	// held: the frames decoded, from the snapshot (nothing is read); heldNext is the next one.
+	held     [][]byte
+	heldNext int
+	// keep: this reader keeps every frame it decodes (kept), for the snapshot to hold once all
+	// are in; reserved is whether the snapshot's cache bound was lowered for them.
+	keep bool
+	kept [][]byte
 
 	closeOnce sync.Once
 	closeErr  error
@@ -208,6 +232,11 @@ type wsFrame struct {
 }
 
 // OpenWorkingSet opens the snapshot's working set for streaming (ErrNoWorkingSet if none).
+//
+// The first reader that streams all of it, every frame verified, leaves it decoded in the
+// snapshot when it takes at most half of Options.CacheSize (the frame cache gives up that
+// much): a daemon serving many VMs of one snapshot decompresses and verifies it once, and the
+// readers after that hand out runs from memory without reading the extent.
 func (s *Snapshot) OpenWorkingSet() (*WorkingSetReader, error) {
 	return s.OpenWorkingSetContext(context.Background())
 }
@@ -225,6 +254,17 @@ func (s *Snapshot) OpenWorkingSetContext(ctx context.Context) (*WorkingSetReader
 	r := &WorkingSetReader{s: s, order: order, frames: w.Frames,
 		inOrder: make(chan *wsFrame, wsFrames), free: make(chan *wsFrame, wsFrames)}
 	r.ctx, r.cancel = context.WithCancel(ctx)
+	s.heldMu.Lock()
+	r.held = s.held
+	s.heldMu.Unlock()
+	if r.held != nil {
+		return r, nil
+	}
+	var raw int64
+	for _, fr := range w.Frames {
+		raw += fr.Raw
+	}
+	r.keep = raw <= s.cache.limitNow()/2
 	f, err := s.files.Extent(r.ctx, w.Extent, w.ExtentSize)
 	if err != nil {
 		r.cancel()
@@ -308,10 +348,17 @@ func (r *WorkingSetReader) decode(slot *wsFrame) error {
 		return r.frameError(slot.idx, at, corruptf("content hash is %x, want %s", sum[:8], fr.Hash))
 	}
 	if fr.Enc == EncRaw {
-		slot.data = slot.comp
+		if r.keep { // comp is the reader's buffer, read into again
+			slot.data = slices.Clone(slot.comp)
+		} else {
+			slot.data = slot.comp
+		}
 		return nil
 	}
-	if cap(slot.data) < int(fr.Raw) || &slot.data[:1][0] == &slot.comp[:1][0] {
+	switch {
+	case r.keep: // Next took the last one: each frame its own buffer, its exact size
+		slot.data = make([]byte, 0, fr.Raw)
+	case cap(slot.data) < int(fr.Raw) || &slot.data[:1][0] == &slot.comp[:1][0]:
 		slot.data = make([]byte, 0, max(fr.Raw, frameTarget+r.s.m.PageSize))
 	}
 	out, err := r.s.decodeWith(r.s.wsDec, slot.comp, slot.data[:0:fr.Raw])
@@ -349,7 +396,23 @@ func (r *WorkingSetReader) next() (Run, error) {
 			r.cur = nil
 		}
 		if r.pos == len(r.order) {
+			if r.keep && r.kept != nil && len(r.kept) == len(r.frames) {
+				r.s.hold(r.kept)
+				r.kept = nil
+			}
 			return Run{}, io.EOF
+		}
+		if r.held != nil {
+			if err := r.ctx.Err(); err != nil {
+				return Run{}, fmt.Errorf("%w: %w", ErrTransient, err)
+			}
+			if r.heldNext == len(r.held) {
+				return Run{}, fmt.Errorf("snapshot %s: %w", r.s.dir, corruptf("working set ended at page %d of %d", r.pos, len(r.order)))
+			}
+			r.data = r.held[r.heldNext]
+			r.end += r.frames[r.heldNext].Entries
+			r.heldNext++
+			continue
 		}
 		var slot *wsFrame
 		var ok bool
@@ -374,6 +437,10 @@ func (r *WorkingSetReader) next() (Run, error) {
 		}
 		r.cur, r.data = slot, slot.data
 		r.end = slot.first + r.frames[slot.idx].Entries
+		if r.keep {
+			r.kept = append(r.kept, slot.data)
+			slot.data = nil // the decoder allocates the next frame's anew
+		}
 	}
 	m := r.s.m
 	first := r.order[r.pos]
@@ -398,6 +465,9 @@ func (r *WorkingSetReader) next() (Run, error) {
 func (r *WorkingSetReader) Close() error {
 	r.closeOnce.Do(func() {
 		r.cancel()
+		if r.f == nil { // from memory: nothing was started
+			return
+		}
 		// Closing the extent ends a read that waits for a bucket; then the reader and decoders
 		// finish (what they still send is drained).
 		r.closeErr = r.f.Close()

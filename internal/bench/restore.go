@@ -135,10 +135,15 @@ const (
 	// CasePrefetchWarm is CasePrefetchCold with the snapshot's files in the page cache: the
 	// counterpart of the File backend's warm case (a host that restored the snapshot before).
 	CasePrefetchWarm = "faultline-prefetch-warm"
+	// CasePrefetchHot is CasePrefetchWarm served by a daemon that restored a VM of the snapshot
+	// before (trace A, not measured): a daemon serving a fleet, whose snapshot holds the working
+	// set decoded (snapshot.OpenWorkingSet) and whose frame cache holds A's frames. Trace B's
+	// new runs are not in A: their frames are read and decompressed as in the warm case.
+	CasePrefetchHot = "faultline-prefetch-hot"
 )
 
 // RestoreCases are the cases, in the order they run within a rep.
-var RestoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold, CasePrefetchWarm, CasePrefetchSame}
+var RestoreCases = []string{CaseFileCold, CaseFileWarm, CaseRawCold, CasePackedCold, CasePrefetchCold, CasePrefetchWarm, CasePrefetchHot, CasePrefetchSame}
 
 // RestoreTarget is a ratio of the targets: Num's restore time over Den's.
 type RestoreTarget struct {
@@ -260,6 +265,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 	}
 	rep.Image, rep.Packed = st.Size, st.Stored
 	traceA, traceB := RestoreTraces(o.Size/4096, o.Seed)
+	rb.traceA = traceA
 	rep.TracePages = [2]int{tracePages(traceA), tracePages(traceB)}
 	inA := map[int]bool{}
 	for _, r := range traceA {
@@ -335,6 +341,7 @@ func RunRestore(o RestoreOptions) (*RestoreReport, error) {
 type restoreBench struct {
 	o                   RestoreOptions
 	dir, raw, snap, dev string
+	traceA              []puppet.TraceRun // the hot case's first VM touches it
 }
 
 // readTree reads every file under dir, so that it is in the page cache.
@@ -396,7 +403,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		if err := readAll(rb.raw); err != nil {
 			return res, err
 		}
-	case c == CasePrefetchWarm:
+	case c == CasePrefetchWarm, c == CasePrefetchHot:
 		if err := readTree(rb.snap); err != nil {
 			return res, err
 		}
@@ -430,7 +437,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 			cfg.MemFile = rb.raw
 		case CasePackedCold:
 			cfg.Snapshot, cfg.NoPrefetch = rb.snap, true
-		case CasePrefetchCold, CasePrefetchSame, CasePrefetchWarm:
+		case CasePrefetchCold, CasePrefetchSame, CasePrefetchWarm, CasePrefetchHot:
 			cfg.Snapshot = rb.snap
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true
@@ -447,6 +454,15 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		// still removes its socket file (by its inode, checked then removed: not atomic).
 		defer func() { d.Close(); <-d.Done() }()
 		go d.Serve()
+		if c == CasePrefetchHot {
+			if err := rb.warmUp(d, reports); err != nil {
+				return res, fmt.Errorf("the first VM: %w", err)
+			}
+			if disk0, err = readDiskStats(rb.dev); err != nil {
+				return res, err
+			}
+			read0 = readBytesSelf()
+		}
 		cpu0 = cpuSelf()
 		m, err = vmm.Start(vmm.Options{Socket: d.Addr(), Regions: []vmm.Region{{Size: rb.o.Size}}, Trace: t})
 	}
@@ -497,6 +513,34 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		return res, fmt.Errorf("no VM report from the daemon")
 	}
 	return res, nil
+}
+
+// warmUp has d restore a VM that touches trace A, checks it, and waits for its report.
+func (rb *restoreBench) warmUp(d *daemon.Daemon, reports <-chan daemon.Report) error {
+	m, err := vmm.Start(vmm.Options{Socket: d.Addr(), Regions: []vmm.Region{{Size: rb.o.Size}}, Trace: rb.traceA})
+	if err != nil {
+		return err
+	}
+	if _, err := m.RunTrace(rb.o.Threads); err != nil {
+		m.Kill()
+		return err
+	}
+	if _, _, err := m.VerifyTrace(rb.raw); err != nil {
+		m.Kill()
+		return err
+	}
+	if err := m.Exit(); err != nil {
+		return err
+	}
+	select {
+	case r := <-reports:
+		if r.Failure != "" {
+			return fmt.Errorf("daemon: %s", r.Failure)
+		}
+	case <-time.After(time.Minute):
+		return fmt.Errorf("no VM report from the daemon")
+	}
+	return nil
 }
 
 func readAll(path string) error {
