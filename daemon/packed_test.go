@@ -103,6 +103,31 @@ func TestRecordThenPrefetchVM(t *testing.T) {
 	if faults2 > r1.Faults/10 {
 		t.Errorf("%d faults with the working set prefetched, want at most a tenth of the recording run's %d", faults2, r1.Faults)
 	}
+
+	// The daemon holds the working set decoded now: a later VM is prefetched from memory, even
+	// with the extent gone from the disk.
+	man, err := snap.ReadManifest(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, man.WorkingSet.Extent)); err != nil {
+		t.Fatal(err)
+	}
+	m3, err := vmm.Start(vmm.Options{Socket: g.d.Addr(), Regions: []vmm.Region{{Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the working set prefetched twice", func() bool { return strings.Count(g.logs.String(), "working set prefetched") == 2 })
+	before = g.d.Summary().Faults
+	workload(m3)
+	faults3 := g.d.Summary().Faults - before
+	if err := m3.Exit(); err != nil {
+		t.Fatal(err)
+	}
+	r3 := g.report()
+	if r3.Prefetched < uint64(info.WorkingSetPages)*9/10 || faults3 > r1.Faults/10 {
+		t.Errorf("a VM after the extent went: %d pages prefetched of %d, %d faults (log: %s)", r3.Prefetched, info.WorkingSetPages, faults3, g.logs.String())
+	}
 }
 
 // A corrupt chunk: the VM is killed (never served the wrong bytes), and the failure names the
