@@ -12,7 +12,10 @@ import (
 // wants it; readers that come while it loads wait for that one load (single flight).
 type cache struct {
 	mu     sync.Mutex
-	limit  int64
+	limit  int64 // bound less reserved
+	bound  int64 // Options.CacheSize, or SetCacheSize's
+	// reserved is the bytes of the bound given to the decoded working set the snapshot holds.
+	reserved int64
 	unit   int64 // bytes of a frame
 	used   int64 // bytes of loaded entries in the map
 	m      map[int]*centry
@@ -40,7 +43,7 @@ const maxFree = 4
 var errClosed = errors.New("snapshot: closed")
 
 func (c *cache) init(limit, unit int64) {
-	c.limit, c.unit = limit, unit
+	c.limit, c.bound, c.unit = limit, limit, unit
 	c.m = make(map[int]*centry)
 	c.lru.prev, c.lru.next = &c.lru, &c.lru
 }
@@ -171,25 +174,48 @@ func (c *cache) peek(idx int) ([]byte, bool) {
 	return e.buf, true
 }
 
-// limitNow is the cache's bound now.
+// limitNow is the bytes of frames the cache may hold now: its bound less what is reserved.
 func (c *cache) limitNow() int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.limit
 }
 
+// boundNow is the cache's bound.
+func (c *cache) boundNow() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.bound
+}
+
 // reserve takes n bytes off the cache's bound for something else kept in memory within it (the
-// decoded working set), evicting what no longer fits; it fails, taking nothing, when that would
-// leave less than half the bound.
+// decoded working set), evicting what no longer fits; it fails, taking nothing, when the
+// reserved bytes would be more than half the bound.
 func (c *cache) reserve(n int64) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || n > c.limit/2 {
+	if c.closed || c.reserved+n > c.bound/2 {
 		return false
 	}
-	c.limit -= n
+	c.reserved += n
+	c.limit = c.bound - c.reserved
 	c.evict()
 	return true
+}
+
+// setBound makes n the cache's bound. When what is reserved would be more than half of it, the
+// reservation is given back (the caller drops what it held) and it reports false.
+func (c *cache) setBound(n int64) (keep bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.bound = n
+	keep = c.reserved <= n/2
+	if !keep {
+		c.reserved = 0
+	}
+	c.limit = n - c.reserved
+	c.evict()
+	return keep
 }
 
 func (c *cache) recycle(b []byte) {

@@ -89,6 +89,39 @@ func TestWorkingSetHeld(t *testing.T) {
 	}
 }
 
+// The held working set counts within the cache bound: a bound under twice its size lets it go
+// (the next reader streams the extent, and holds it again under a larger bound).
+func TestWorkingSetHeldResized(t *testing.T) {
+	dir, img, order := wsSnapshot(t)
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := streamWS(t, s, img, -1); err != nil {
+		t.Fatal(err)
+	}
+	raw := s.CacheStats().WorkingSet
+	if raw == 0 {
+		t.Fatal("nothing held")
+	}
+	s.SetCacheSize(4 * raw)
+	if s.CacheStats().WorkingSet != raw || s.cache.limitNow() != 3*raw {
+		t.Fatalf("bound 4x the working set: %d held, frame limit %d, want %d and %d", s.CacheStats().WorkingSet, s.cache.limitNow(), raw, 3*raw)
+	}
+	s.SetCacheSize(raw)
+	if s.CacheStats().WorkingSet != 0 || s.cache.limitNow() != raw {
+		t.Fatalf("bound 1x the working set: %d held, frame limit %d, want 0 and %d", s.CacheStats().WorkingSet, s.cache.limitNow(), raw)
+	}
+	s.SetCacheSize(0)
+	if n, err := streamWS(t, s, img, -1); err != nil || n != len(order) {
+		t.Fatalf("stream after the resize: %d of %d pages, %v", n, len(order), err)
+	}
+	if s.CacheStats().WorkingSet != raw || s.cache.limitNow() != DefaultCacheSize-raw {
+		t.Fatalf("held again: %d, frame limit %d", s.CacheStats().WorkingSet, s.cache.limitNow())
+	}
+}
+
 // What is not streamed whole and verified is never held: a reader closed part-way, a corrupt
 // frame, a working set larger than half the cache.
 func TestWorkingSetNotHeld(t *testing.T) {

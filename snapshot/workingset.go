@@ -264,7 +264,7 @@ func (s *Snapshot) OpenWorkingSetContext(ctx context.Context) (*WorkingSetReader
 	for _, fr := range w.Frames {
 		raw += fr.Raw
 	}
-	r.keep = raw <= s.cache.limitNow()/2
+	r.keep = raw <= s.cache.boundNow()/2
 	f, err := s.files.Extent(r.ctx, w.Extent, w.ExtentSize)
 	if err != nil {
 		r.cancel()
