@@ -11,17 +11,17 @@ import (
 // evicting the least recently used. A frame missing from it is loaded by the first reader that
 // wants it; readers that come while it loads wait for that one load (single flight).
 type cache struct {
-	mu     sync.Mutex
-	limit  int64 // bound less reserved
-	bound  int64 // Options.CacheSize, or SetCacheSize's
+	mu    sync.Mutex
+	limit int64 // bound less reserved
+	bound int64 // Options.CacheSize, or SetCacheSize's
 	// reserved is the bytes of the bound given to the decoded working set the snapshot holds.
 	reserved int64
-	unit   int64 // bytes of a frame
-	used   int64 // bytes of loaded entries in the map
-	m      map[int]*centry
-	lru    centry   // sentinel of the list of loaded entries, most recent first
-	free   [][]byte // buffers of evicted entries, for the next load
-	closed bool
+	unit     int64 // bytes of a frame
+	used     int64 // bytes of loaded entries in the map
+	m        map[int]*centry
+	lru      centry   // sentinel of the list of loaded entries, most recent first
+	free     [][]byte // buffers of evicted entries, for the next load
+	closed   bool
 
 	loads, hits, evictions int64
 }
