@@ -57,7 +57,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "", "Unix socket to listen on (required)")
 	memFile := fs.String("mem-file", "", "raw memory snapshot file (this or --snapshot)")
 	snapDir := fs.String("snapshot", "", "packed snapshot: a directory from faultline pack, or s3://BUCKET/PREFIX from faultline push (this or --mem-file)")
-	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed frames of --snapshot kept in memory (K, M, G); with --control, of every packed snapshot together; "+
+	cacheSize := fs.String("cache-size", "256M", "bound of the decompressed frames of --snapshot kept in memory, its decoded working set included (K, M, G); with --control, of every packed snapshot together; "+
 		"with --cache-dir, of that disk cache instead (and --mem-cache-size of the memory)")
 	rf := addRemoteFlags(fs)
 	record := fs.Bool("record", false, "record the working set of the VMs served into --snapshot (one page per fault meanwhile; no prefetch)")
