@@ -19,8 +19,8 @@
 // reading. Every chunk and frame is verified against its hash on every read from disk: a bad
 // one is an error naming it ([ChunkError], matching [ErrCorrupt] or [ErrMissing]), never
 // bytes. [Snapshot.OpenWorkingSet] streams the working set; once one reader has streamed and
-// verified all of it, the snapshot holds it decoded (within the cache bound) for the readers
-// after it. [Unpack], [Verify] and [Inspect] back the faultline snapshot commands.
+// verified all of it, the snapshot holds it decoded for the readers after it, when it takes at
+// most half of the cache bound (which it then counts within). [Unpack], [Verify] and [Inspect] back the faultline snapshot commands.
 //
 // Chunks live in DIR/chunks, so that copying DIR copies the snapshot, unless the snapshot was
 // packed with a shared store ([PackOptions].Store), where snapshots of one host with common

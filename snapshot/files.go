@@ -40,14 +40,20 @@ type Checker interface {
 }
 
 // DirFiles is the files of the snapshot in the local directory dir: the chunks in dir/chunks,
-// or in the shared store the manifest names. It keeps up to maxOpenChunks chunk files open (a
-// miss would otherwise open and close its chunk file for one frame); a Snapshot opened on it
-// closes them when it closes.
+// or in the shared store the manifest names. Each read opens its chunk file and closes it
+// after; Open and OpenWith use one that keeps chunk files open between reads instead (see
+// openChunks), closed by the Snapshot's Close.
 func DirFiles(dir string) Files { return &dirFiles{dir: dir, chunkDir: filepath.Join(dir, ChunksDir)} }
+
+// dirFilesKept is DirFiles keeping chunk files open: for a Snapshot that owns it.
+func dirFilesKept(dir string) *dirFiles {
+	return &dirFiles{dir: dir, chunkDir: filepath.Join(dir, ChunksDir), keep: true}
+}
 
 type dirFiles struct {
 	dir      string
 	chunkDir string // set from the manifest's store by Manifest
+	keep     bool   // chunk files kept open in open
 	open     openChunks
 }
 
@@ -69,16 +75,21 @@ func (d *dirFiles) Manifest(context.Context) ([]byte, error) {
 }
 
 func (d *dirFiles) Chunk(_ context.Context, name string, size int64) (File, error) {
-	return d.open.get(name, func() (*os.File, error) {
-		f, err := os.Open(filepath.Join(d.chunkDir, name))
-		if err != nil {
-			return nil, ioError(err)
-		}
-		// A read takes one frame of a chunk: the page cache must not read ahead the rest of
-		// it (up to read_ahead_kb), a cost the first fault on every chunk would pay.
-		adviseRandom(f)
-		return f, nil
-	})
+	if !d.keep {
+		return d.openChunk(name)
+	}
+	return d.open.get(name, func() (*os.File, error) { return d.openChunk(name) })
+}
+
+func (d *dirFiles) openChunk(name string) (*os.File, error) {
+	f, err := os.Open(filepath.Join(d.chunkDir, name))
+	if err != nil {
+		return nil, ioError(err)
+	}
+	// A read takes one frame of a chunk: the page cache must not read ahead the rest of it
+	// (up to read_ahead_kb), a cost the first fault on every chunk would pay.
+	adviseRandom(f)
+	return f, nil
 }
 
 func (d *dirFiles) Extent(_ context.Context, name string, size int64) (io.ReadCloser, error) {

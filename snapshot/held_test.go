@@ -168,3 +168,37 @@ func TestWorkingSetNotHeld(t *testing.T) {
 		t.Fatalf("a working set with a corrupt frame left %d bytes held", got)
 	}
 }
+
+// Of readers streaming at once, one keeps what it decodes (VMs starting together would each keep
+// a copy otherwise); one that stops before the end hands the role on to the next reader opened.
+func TestWorkingSetOneKeeper(t *testing.T) {
+	dir, img, order := wsSnapshot(t)
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	first, err := s.OpenWorkingSet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !first.keep {
+		t.Fatal("the first reader does not keep what it decodes")
+	}
+	if n, err := streamWS(t, s, img, -1); err != nil || n != len(order) {
+		t.Fatalf("a second reader streaming: %d of %d pages, %v", n, len(order), err)
+	}
+	if got := s.CacheStats().WorkingSet; got != 0 {
+		t.Fatalf("a reader that was not the keeper left %d bytes held", got)
+	}
+	if _, err := first.Next(); err != nil {
+		t.Fatal(err)
+	}
+	first.Close() // part-way: the role goes
+	if n, err := streamWS(t, s, img, -1); err != nil || n != len(order) {
+		t.Fatalf("a reader after the keeper stopped: %d of %d pages, %v", n, len(order), err)
+	}
+	if s.CacheStats().WorkingSet == 0 {
+		t.Fatal("the reader after a keeper that stopped did not keep the working set")
+	}
+}

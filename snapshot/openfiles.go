@@ -3,10 +3,12 @@ package snapshot
 import (
 	"os"
 	"sync"
+	"sync/atomic"
 )
 
-// maxOpenChunks is how many chunk files a dirFiles keeps open: a 512 MiB image in 2 MiB chunks
-// is 256 of them, and a daemon serving many snapshots stays well within its descriptor limit.
+// maxOpenChunks is how many chunk files a snapshot keeps open: a 512 MiB image in 2 MiB chunks
+// is 256 of them. A daemon serving n snapshots holds up to 256·n (Go raises the soft limit on
+// descriptors to the hard one at start).
 const maxOpenChunks = 256
 
 // openChunks keeps chunk files open between reads. Chunk files never change once written (pack
@@ -29,17 +31,12 @@ type openChunk struct {
 	used uint64
 }
 
-// get returns name's open file, opening it with open when it is not open.
+// get returns a handle of name's open file, opening it with open when it is not open. Each
+// handle holds one reference, released by its first Close.
 func (c *openChunks) get(name string, open func() (*os.File, error)) (File, error) {
-	c.mu.Lock()
-	if oc := c.files[name]; oc != nil {
-		oc.refs++
-		c.clock++
-		oc.used = c.clock
-		c.mu.Unlock()
-		return oc, nil
+	if oc := c.lookup(name); oc != nil {
+		return &chunkHandle{oc: oc}, nil
 	}
-	c.mu.Unlock()
 	f, err := open() // outside the lock: a cold open may wait for the disk
 	if err != nil {
 		return nil, err
@@ -52,7 +49,7 @@ func (c *openChunks) get(name string, open func() (*os.File, error)) (File, erro
 	if oc := c.files[name]; oc != nil { // opened by another read meanwhile
 		f.Close()
 		oc.refs++
-		return oc, nil
+		return &chunkHandle{oc: oc}, nil
 	}
 	if c.files == nil {
 		c.files = make(map[string]*openChunk)
@@ -63,7 +60,21 @@ func (c *openChunks) get(name string, open func() (*os.File, error)) (File, erro
 	c.clock++
 	oc := &openChunk{c: c, f: f, name: name, refs: 2, used: c.clock}
 	c.files[name] = oc
-	return oc, nil
+	return &chunkHandle{oc: oc}, nil
+}
+
+// lookup returns name's file if it is open, with a reference for the caller (release releases
+// it); nil if not.
+func (c *openChunks) lookup(name string) *openChunk {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	oc := c.files[name]
+	if oc != nil {
+		oc.refs++
+		c.clock++
+		oc.used = c.clock
+	}
+	return oc
 }
 
 // evictLocked drops the least recently used file from the cache (a scan: this runs only when a
@@ -105,22 +116,39 @@ func (c *openChunks) close() {
 	}
 }
 
-func (oc *openChunk) ReadAt(b []byte, off int64) (int, error) { return oc.f.ReadAt(b, off) }
-
-// Close releases a read's reference.
-func (oc *openChunk) Close() error {
+// release gives back a reference lookup took.
+func (oc *openChunk) release() {
 	oc.c.mu.Lock()
 	defer oc.c.mu.Unlock()
 	oc.releaseLocked()
-	return nil
 }
 
 func (oc *openChunk) releaseLocked() {
-	if oc.refs <= 0 {
-		return // closed once too often: never below zero, never a second close(2)
-	}
 	oc.refs--
 	if oc.refs == 0 {
 		oc.f.Close()
 	}
+}
+
+// A chunkHandle is one read's File over a shared open chunk file: its first Close gives back
+// its reference, any later one does nothing (so a caller closing twice cannot take another
+// read's reference and close the file under it).
+type chunkHandle struct {
+	oc     *openChunk
+	closed atomic.Bool
+}
+
+func (h *chunkHandle) ReadAt(b []byte, off int64) (int, error) {
+	if h.closed.Load() {
+		return 0, os.ErrClosed
+	}
+	return h.oc.f.ReadAt(b, off)
+}
+
+func (h *chunkHandle) Close() error {
+	if h.closed.Swap(true) {
+		return os.ErrClosed
+	}
+	h.oc.release()
+	return nil
 }

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -55,14 +56,26 @@ func TestOpenChunks(t *testing.T) {
 	}
 	read(held, "0")
 	held.Close()
-	held.Close() // once too often: no second close(2), no negative count
 	last := fmt.Sprint(n - 1)
-	read(get(last), last) // cached: not opened again
+	a, b := get(last), get(last) // cached: not opened again
 	if opens[last] != 1 {
 		t.Fatalf("%s opened %d times, want 1 (kept open)", last, opens[last])
 	}
+	// A handle closed twice gives back its own reference only: the file stays open for the
+	// other handle and for the cache, even after the cache drops it.
+	a.Close()
+	if err := a.Close(); err == nil {
+		t.Error("a second Close of a handle did not fail")
+	}
+	if _, err := a.ReadAt(make([]byte, 1), 0); err == nil {
+		t.Error("a read on a closed handle did not fail")
+	}
 	c.forget(last)
-	read(get(last), last)
+	read(b, last)
+	b.Close()
+	f := get(last)
+	read(f, last)
+	f.Close()
 	if opens[last] != 2 {
 		t.Fatalf("%s opened %d times after forget, want 2", last, opens[last])
 	}
@@ -85,11 +98,51 @@ func TestOpenChunks(t *testing.T) {
 	if len(c.files) != 0 {
 		t.Fatalf("%d files left after close", len(c.files))
 	}
-	f := get("5") // after close: an uncached file of its own
+	f = get("5") // after close: an uncached file of its own
 	read(f, "5")
 	f.Close()
 	if len(c.files) != 0 {
 		t.Fatal("a file opened after close was kept")
+	}
+}
+
+// A snapshot that failed to open leaves no descriptor behind (the dictionary it read is kept
+// open by the snapshot's files until then), nor does one opened on files from elsewhere (a
+// wrapped DirFiles, which opens and closes a file per read).
+func TestChunkFilesNotLeaked(t *testing.T) {
+	dir := pack(t, sample(t, 4<<20, 72), PackOptions{})
+	wrapped, err := OpenFiles(ctx, dir, struct{ Files }{DirFiles(dir)}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := openFDs(t)
+	if _, err := wrapped.ReadAt(make([]byte, 4<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d descriptors after reading through a wrapped DirFiles, %d before", after, before)
+	}
+	wrapped.Close()
+
+	m, _ := ReadManifest(dir)
+	p := filepath.Join(dir, ChunksDir, m.Dict.fileName())
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[10] ^= 1
+	os.Chmod(p, 0o644)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before = openFDs(t)
+	for range 10 {
+		if _, err := Open(dir); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("Open with a corrupt dictionary: %v", err)
+		}
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d descriptors after 10 failed opens, %d before", after, before)
 	}
 }
 

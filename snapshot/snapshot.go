@@ -48,8 +48,9 @@ type Snapshot struct {
 	// held is the working set's frames decoded and verified, kept by the first reader that
 	// streamed it whole (nil until then, and when it would not fit): later readers hand out
 	// runs from it without reading the extent.
-	heldMu sync.Mutex
-	held   [][]byte
+	heldMu  sync.Mutex
+	held    [][]byte
+	keeping bool // a reader is keeping what it decodes, for held
 }
 
 var (
@@ -63,8 +64,10 @@ func Open(dir string) (*Snapshot, error) { return OpenWith(dir, Options{}) }
 // OpenWith opens the snapshot in dir. It validates the manifest and checks that every chunk
 // file it refers to is there with the size it records; the error names what is missing.
 func OpenWith(dir string, o Options) (*Snapshot, error) {
-	s, err := openFiles(context.Background(), dir, DirFiles(dir), o, true)
+	files := dirFilesKept(dir)
+	s, err := openFiles(context.Background(), dir, files, o, true)
 	if err != nil {
+		files.open.close() // what the open read (the dictionary) is kept open in it
 		return nil, fmt.Errorf("snapshot %s: %w", dir, err)
 	}
 	if w := s.m.WorkingSet; w != nil {
@@ -293,17 +296,29 @@ func (s *Snapshot) readFrameOnce(ctx context.Context, g int, loc *frameLoc, c Ch
 		return ioError(err)
 	}
 	defer f.Close()
-	payload := s.m.framePayload(g)
-	bp, _ := s.comp.Get().(*[]byte)
-	if bp == nil || cap(*bp) < int(loc.stored) {
-		b := make([]byte, s.m.FrameSize)
-		bp = &b
-	}
+	bp := s.compBuf(loc)
 	defer s.comp.Put(bp)
 	comp := (*bp)[:loc.stored]
 	if err := readAtExact(f, comp, loc.off); err != nil {
 		return err
 	}
+	return s.decodeFrame(g, loc, comp, dst)
+}
+
+// compBuf returns a pooled buffer for loc's stored bytes.
+func (s *Snapshot) compBuf(loc *frameLoc) *[]byte {
+	bp, _ := s.comp.Get().(*[]byte)
+	if bp == nil || cap(*bp) < int(loc.stored) {
+		b := make([]byte, s.m.FrameSize)
+		bp = &b
+	}
+	return bp
+}
+
+// decodeFrame decompresses frame g's stored bytes comp into dst, verifies them against the
+// frame's hash and spreads its pages over dst, zeroing the zero ones.
+func (s *Snapshot) decodeFrame(g int, loc *frameLoc, comp, dst []byte) error {
+	payload := s.m.framePayload(g)
 	if int64(loc.stored) == payload {
 		copy(dst, comp)
 	} else {
@@ -320,6 +335,40 @@ func (s *Snapshot) readFrameOnce(ctx context.Context, g int, loc *frameLoc, c Ch
 	}
 	s.m.expand(int64(g)*s.m.FrameSize, dst, payload)
 	return nil
+}
+
+// loadNoWait reads frame g into dst like readFrame, but only where its stored bytes are in the
+// page cache and its chunk file is open already: it reports false, having waited for nothing,
+// where it would have to read the disk (or open a file), and for any failure — left to the
+// read that follows to meet and report (with its retry).
+func (s *Snapshot) loadNoWait(g int, dst []byte) bool {
+	d, ok := s.files.(*dirFiles)
+	if !ok {
+		return false
+	}
+	m := s.m
+	per := int(m.ChunkSize / m.FrameSize)
+	ci := g / per
+	locs := s.frames[ci]
+	if locs == nil {
+		return false
+	}
+	loc := &locs[g-ci*per]
+	if !d.keep {
+		return false
+	}
+	f := d.open.lookup(m.chunkFileName(m.Chunks[ci]))
+	if f == nil {
+		return false
+	}
+	defer f.release()
+	bp := s.compBuf(loc)
+	defer s.comp.Put(bp)
+	comp := (*bp)[:loc.stored]
+	if !f.readNoWait(comp, loc.off) {
+		return false
+	}
+	return s.decodeFrame(g, loc, comp, dst) == nil
 }
 
 // checkHeader checks that chunk i's file has the size and the frame table the manifest says.
@@ -480,7 +529,7 @@ func (s *Snapshot) Close() error {
 	s.heldMu.Lock()
 	s.held = nil
 	s.heldMu.Unlock()
-	if d, ok := s.files.(*dirFiles); ok {
+	if d, ok := s.files.(*dirFiles); ok && d.keep {
 		d.open.close() // reads still running keep their file until they are done
 	}
 	return nil

@@ -143,6 +143,16 @@ func WriteWorkingSet(dir string, pages []uint64) error {
 	return nil
 }
 
+// releaseKeeper gives up the keeper's role, if this reader has it: the next reader opened may
+// keep what it decodes.
+func (r *WorkingSetReader) releaseKeeper() {
+	r.s.heldMu.Lock()
+	defer r.s.heldMu.Unlock()
+	if r.keeper {
+		r.s.keeping, r.keeper = false, false
+	}
+}
+
 // hold keeps frames, the whole working set decoded, for the readers after this one, if none is
 // held yet and the cache gives up their bytes.
 func (s *Snapshot) hold(frames [][]byte) {
@@ -208,10 +218,11 @@ type WorkingSetReader struct {
 	// held: the frames decoded, from the snapshot (nothing is read); heldNext is the next one.
 	held     [][]byte
 	heldNext int
-	// keep: this reader keeps every frame it decodes (kept), for the snapshot to hold once all
-	// are in; reserved is whether the snapshot's cache bound was lowered for them.
-	keep bool
-	kept [][]byte
+	// keep: this reader is the snapshot's one keeper (Snapshot.keeping): it keeps every frame
+	// it decodes (kept), for the snapshot to hold once all are in. keeper is whether it still
+	// has that role.
+	keep, keeper bool
+	kept         [][]byte
 
 	closeOnce sync.Once
 	closeErr  error
@@ -234,9 +245,10 @@ type wsFrame struct {
 // OpenWorkingSet opens the snapshot's working set for streaming (ErrNoWorkingSet if none).
 //
 // The first reader that streams all of it, every frame verified, leaves it decoded in the
-// snapshot when it takes at most half of Options.CacheSize (the frame cache gives up that
-// much): a daemon serving many VMs of one snapshot decompresses and verifies it once, and the
-// readers after that hand out runs from memory without reading the extent.
+// snapshot when it takes at most half of the cache's bound (Options.CacheSize, or what
+// SetCacheSize made it; the frame cache gives up that much): a daemon serving many VMs of one
+// snapshot decompresses and verifies it once, and the readers after that hand out runs from
+// memory without reading the extent. Of readers streaming at once, one keeps what it decodes.
 func (s *Snapshot) OpenWorkingSet() (*WorkingSetReader, error) {
 	return s.OpenWorkingSetContext(context.Background())
 }
@@ -254,19 +266,23 @@ func (s *Snapshot) OpenWorkingSetContext(ctx context.Context) (*WorkingSetReader
 	r := &WorkingSetReader{s: s, order: order, frames: w.Frames,
 		inOrder: make(chan *wsFrame, wsFrames), free: make(chan *wsFrame, wsFrames)}
 	r.ctx, r.cancel = context.WithCancel(ctx)
-	s.heldMu.Lock()
-	r.held = s.held
-	s.heldMu.Unlock()
-	if r.held != nil {
-		return r, nil
-	}
 	var raw int64
 	for _, fr := range w.Frames {
 		raw += fr.Raw
 	}
-	r.keep = raw <= s.cache.boundNow()/2
+	s.heldMu.Lock()
+	r.held = s.held
+	// One reader at a time keeps what it decodes: VMs starting at once would each keep a copy.
+	if r.held == nil && !s.keeping && raw <= s.cache.boundNow()/2 {
+		r.keep, r.keeper, s.keeping = true, true, true
+	}
+	s.heldMu.Unlock()
+	if r.held != nil {
+		return r, nil
+	}
 	f, err := s.files.Extent(r.ctx, w.Extent, w.ExtentSize)
 	if err != nil {
+		r.releaseKeeper()
 		r.cancel()
 		return nil, fmt.Errorf("snapshot %s: working set extent: %w", s.dir, ioError(err))
 	}
@@ -399,6 +415,7 @@ func (r *WorkingSetReader) next() (Run, error) {
 			if r.keep && r.kept != nil && len(r.kept) == len(r.frames) {
 				r.s.hold(r.kept)
 				r.kept = nil
+				r.releaseKeeper()
 			}
 			return Run{}, io.EOF
 		}
@@ -468,6 +485,7 @@ func (r *WorkingSetReader) Close() error {
 		if r.f == nil { // from memory: nothing was started
 			return
 		}
+		defer r.releaseKeeper() // after the decoders stopped: none keeps a frame any more
 		// Closing the extent ends a read that waits for a bucket; then the reader and decoders
 		// finish (what they still send is drained).
 		r.closeErr = r.f.Close()

@@ -79,7 +79,8 @@ type RestoreResult struct {
 	FaultP50 time.Duration `json:"fault_p50_ns,omitempty"`
 	FaultP99 time.Duration `json:"fault_p99_ns,omitempty"`
 	// ProcRead is /proc/PID/io read_bytes of the VMM (over the touches) plus this process, the
-	// daemon's (from before it opened the snapshot to the last touch); DiskRead the sectors read
+	// daemon's (from before it opened the snapshot to the last touch; in the hot case from after
+	// its first VM); DiskRead the sectors read
 	// of the device holding the files (/proc/diskstats, system-wide: other processes' reads
 	// count too) over the same span.
 	ProcRead int64 `json:"proc_read_bytes"`
@@ -89,8 +90,9 @@ type RestoreResult struct {
 	DiskReads    int64         `json:"disk_reads"`
 	DiskReadTime time.Duration `json:"disk_read_ns"`
 	// VMMCPU is the VMM's CPU time over the touches; DaemonCPU this process's (the daemon's,
-	// harness included) from just before the VMM started to the last touch: a restore's work,
-	// not the daemon's start (opening the snapshot once, whatever VMs it then serves).
+	// harness included) from just before the VMM started (its start and handshake included) to
+	// the last touch: a restore's work, not the daemon's start (opening the snapshot once,
+	// whatever VMs it then serves).
 	VMMCPU    time.Duration `json:"vmm_cpu_ns"`
 	DaemonCPU time.Duration `json:"daemon_cpu_ns"`
 	Verified  int           `json:"verified_pages"`
@@ -110,8 +112,9 @@ type RestoreReport struct {
 	// NewRuns are trace B's runs with no page in A: no recording of A can prefetch them, so
 	// each is a fault its vCPU waits for. Threads and CPUs are the vCPU threads and this
 	// machine's CPUs.
-	NewRuns       int `json:"new_runs"`
-	Threads, CPUs int
+	NewRuns int `json:"new_runs"`
+	Threads int `json:"threads"`
+	CPUs    int `json:"cpus"`
 	Record        RestoreResult   `json:"record"` // run 1: trace A with --record
 	WorkingSet    int             `json:"working_set_pages"`
 	WSStored      int64           `json:"working_set_bytes"` // its compressed extent
@@ -137,8 +140,9 @@ const (
 	CasePrefetchWarm = "faultline-prefetch-warm"
 	// CasePrefetchHot is CasePrefetchWarm served by a daemon that restored a VM of the snapshot
 	// before (trace A, not measured): a daemon serving a fleet, whose snapshot holds the working
-	// set decoded (snapshot.OpenWorkingSet) and whose frame cache holds A's frames. Trace B's
-	// new runs are not in A: their frames are read and decompressed as in the warm case.
+	// set decoded (snapshot.OpenWorkingSet; the case fails if it does not) and whose frame cache
+	// holds the frames of that VM's few faults. Trace B's new runs are not in A: their frames
+	// are read and decompressed as in the warm case.
 	CasePrefetchHot = "faultline-prefetch-hot"
 )
 
@@ -426,6 +430,7 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 	var m *vmm.VMM
 	var reports chan daemon.Report
 	var d *daemon.Daemon
+	var hot *snapshot.Snapshot
 	if c == CaseFileCold || c == CaseFileWarm {
 		m, err = vmm.StartFile(rb.raw, rb.o.Size, vmm.Options{Trace: t})
 	} else {
@@ -437,7 +442,14 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 			cfg.MemFile = rb.raw
 		case CasePackedCold:
 			cfg.Snapshot, cfg.NoPrefetch = rb.snap, true
-		case CasePrefetchCold, CasePrefetchSame, CasePrefetchWarm, CasePrefetchHot:
+		case CasePrefetchHot:
+			// Opened here, so that the warm-up is seen to leave the working set held.
+			if hot, err = snapshot.OpenWith(rb.snap, snapshot.Options{CacheSize: rb.o.CacheSize}); err != nil {
+				return res, err
+			}
+			defer hot.Close()
+			cfg.Source = hot
+		case CasePrefetchCold, CasePrefetchSame, CasePrefetchWarm:
 			cfg.Snapshot = rb.snap
 		default: // the recording run
 			cfg.Snapshot, cfg.Record = rb.snap, true
@@ -457,6 +469,9 @@ func (rb *restoreBench) runWith(c string, t []puppet.TraceRun, mod func(*daemon.
 		if c == CasePrefetchHot {
 			if err := rb.warmUp(d, reports); err != nil {
 				return res, fmt.Errorf("the first VM: %w", err)
+			}
+			if hot.CacheStats().WorkingSet == 0 {
+				return res, fmt.Errorf("the first VM left no working set held in the daemon")
 			}
 			if disk0, err = readDiskStats(rb.dev); err != nil {
 				return res, err
