@@ -31,7 +31,6 @@ type pageState struct {
 	resident  source.Resident
 	zeros     source.Zeros
 	cached    source.Cached        // some ranges resident (nil if none, or if resident)
-	loader    source.Loader        // cached, loading what it can without I/O (nil if not)
 	ctxReader source.ContextReader // cancellable reads (nil: ReadAt)
 	extent    int                  // pages of the source's natural unit of reading (0: none)
 	stats     counters
@@ -49,7 +48,6 @@ func newPageState(r Region, fa FaultAround) *pageState {
 	ps.zeros, _ = r.Source.(source.Zeros)
 	if ps.resident == nil {
 		ps.cached, _ = r.Source.(source.Cached)
-		ps.loader, _ = r.Source.(source.Loader)
 	}
 	ps.ctxReader, _ = r.Source.(source.ContextReader)
 	if x, ok := r.Source.(source.Extent); ok && x.Extent() > 0 {

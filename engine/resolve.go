@@ -153,10 +153,6 @@ func (in *installer) resolveLocked(f fault) error {
 	switch {
 	case st.resident != nil:
 		src = st.resident.Bytes(srcOff, int64(length))
-	case st.loader != nil:
-		// On this goroutine when the bytes are at hand (a frame in the page cache takes a
-		// decompression, no I/O): a fetcher's hand-off and wake-up cost about as much CPU.
-		src, _ = st.loader.LoadCached(srcOff, int64(length))
 	case st.cached != nil:
 		src, _ = st.cached.Cached(srcOff, int64(length))
 	}

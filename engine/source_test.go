@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -293,73 +292,4 @@ func inProcessFD(t testing.TB) *uffd.FD {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
-}
-
-// loaderSource is a source.Loader over a pattern: LoadCached serves the frames (extent-sized
-// units) that load says can be loaded without I/O, ReadAt the rest, each counted.
-type loaderSource struct {
-	b            []byte
-	extent       int64
-	load         func(unit int64) bool
-	reads, loads atomic.Int64
-}
-
-func (l *loaderSource) ReadAt(p []byte, off int64) (int, error) {
-	l.reads.Add(1)
-	return copy(p, l.b[off:]), nil
-}
-
-func (l *loaderSource) Cached(int64, int64) ([]byte, bool) { return nil, false }
-
-func (l *loaderSource) LoadCached(off, n int64) ([]byte, bool) {
-	if off/l.extent != (off+n-1)/l.extent || !l.load(off/l.extent) {
-		return nil, false
-	}
-	l.loads.Add(1)
-	return l.b[off : off+n : off+n], true
-}
-
-func (l *loaderSource) Extent() int64 { return l.extent }
-func (l *loaderSource) Size() int64   { return int64(len(l.b)) }
-func (l *loaderSource) Close() error  { return nil }
-
-// A source that can load a fault's frame without I/O (source.Loader: a packed snapshot whose
-// frame is in the page cache) has the fault resolved there and then; the frames it cannot load
-// are read as any source's. Every byte right either way.
-func TestLoaderSource(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		load func(unit int64) bool
-	}{
-		{"all", func(int64) bool { return true }},
-		{"none", func(int64) bool { return false }},
-		{"odd", func(u int64) bool { return u%2 == 1 }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			const size = 4 << 20
-			v := newVM(t, memory.Anon, size, 0, uffd.ModeMissing)
-			src := &loaderSource{b: patternSource(t, size, 7).Bytes(0, size), extent: 32 << 10, load: tc.load}
-			e, stop := serve(t, v, []engine.Region{v.region(src)}, engine.Options{FaultAround: engine.FaultAround{Min: 1, Max: 64, Adaptive: true}})
-			touchRange(t, v, 0, size, "pattern", 7)
-			if err := stop(); err != nil {
-				t.Fatalf("Run: %v", err)
-			}
-			reads, loads := src.reads.Load(), src.loads.Load()
-			t.Logf("%d faults: %d resolved from LoadCached, %d read", e.Stats()[0].Missing, loads, reads)
-			switch tc.name {
-			case "all":
-				if reads != 0 || loads == 0 {
-					t.Errorf("every frame loadable: %d reads, %d loads; want 0 reads", reads, loads)
-				}
-			case "none":
-				if loads != 0 || reads == 0 {
-					t.Errorf("no frame loadable: %d loads, %d reads; want 0 loads", loads, reads)
-				}
-			default:
-				if loads == 0 || reads == 0 {
-					t.Errorf("half the frames loadable: %d loads, %d reads; want both", loads, reads)
-				}
-			}
-		})
-	}
 }

@@ -43,17 +43,6 @@ type Cached interface {
 	Cached(off, n int64) ([]byte, bool)
 }
 
-// Loader is a Cached source that can make a range resident without waiting for storage where
-// what it needs is in memory in another form (a compressed frame in the page cache): the engine
-// then resolves the fault on its reading goroutine, with no hand-off to a fetcher and back.
-type Loader interface {
-	Cached
-	// LoadCached is Cached, but a range not resident is first loaded when that takes no I/O
-	// (decompressing and verifying may be done): it must not block on I/O, and returns false
-	// when it would have to — or for any failure, which the engine's read then meets and reports.
-	LoadCached(off, n int64) ([]byte, bool)
-}
-
 // Extent is implemented by sources with a natural unit of reading, such as a compressed chunk:
 // the engine never lets one fault's window straddle two of them, so a fault costs one read.
 type Extent interface {
