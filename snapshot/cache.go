@@ -115,44 +115,6 @@ func (c *cache) get(ctx context.Context, s *Snapshot, idx int) (*centry, error) 
 	return e, nil
 }
 
-// loadNoWait loads frame idx into the cache if that takes no I/O (Snapshot.loadNoWait), and
-// reports whether it did. It never waits for a load in flight, and never enters a failure in
-// the cache: the frame is entered only once read and verified, and where another load came
-// first, that one stands.
-func (c *cache) loadNoWait(s *Snapshot, idx int) bool {
-	c.mu.Lock()
-	if c.closed || c.m[idx] != nil {
-		c.mu.Unlock()
-		return false // loaded (Cached would have had it) or loading: not for this path to wait
-	}
-	var buf []byte
-	if n := len(c.free); n > 0 {
-		buf, c.free = c.free[n-1], c.free[:n-1]
-	}
-	c.mu.Unlock()
-	if buf == nil {
-		buf = make([]byte, c.unit)
-	}
-	buf = buf[:s.m.frameLen(idx)]
-	ok := s.loadNoWait(idx, buf)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !ok || c.closed || c.m[idx] != nil {
-		c.recycle(buf)
-		return false
-	}
-	e := &centry{idx: idx, buf: buf, done: closedChan}
-	c.m[idx] = e
-	c.loads++
-	c.used += int64(len(buf))
-	c.pushFront(e)
-	c.evict()
-	return true
-}
-
-// closedChan is the done channel of entries entered whole.
-var closedChan = func() chan struct{} { ch := make(chan struct{}); close(ch); return ch }()
-
 // release ends a reader's hold on e.
 func (c *cache) release(e *centry) {
 	c.mu.Lock()

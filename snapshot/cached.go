@@ -22,21 +22,5 @@ func (s *Snapshot) Cached(off, n int64) ([]byte, bool) {
 	return b[in : in+n : in+n], true
 }
 
-// LoadCached is Cached, but a frame not in the cache is loaded into it first when that takes no
-// I/O: its chunk file is open and its stored bytes are in the page cache (source.Loader). The
-// engine then resolves a fault on a warm frame without handing it to a fetcher.
-func (s *Snapshot) LoadCached(off, n int64) ([]byte, bool) {
-	if b, ok := s.Cached(off, n); ok {
-		return b, true
-	}
-	if off < 0 || n <= 0 || off+n > s.m.Size || s.closed.Load() {
-		return nil, false
-	}
-	if !s.cache.loadNoWait(s, int(off/s.m.FrameSize)) {
-		return nil, false
-	}
-	return s.Cached(off, n)
-}
-
 // Extent is the frame size: the unit a read decompresses (source.Extent).
 func (s *Snapshot) Extent() int64 { return s.m.FrameSize }

@@ -63,8 +63,8 @@ func (c *openChunks) get(name string, open func() (*os.File, error)) (File, erro
 	return &chunkHandle{oc: oc}, nil
 }
 
-// lookup returns name's file if it is open, with a reference for the caller (release releases
-// it); nil if not.
+// lookup returns name's file if it is open, with a reference for the caller (given back by
+// release); nil if not.
 func (c *openChunks) lookup(name string) *openChunk {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -116,7 +116,7 @@ func (c *openChunks) close() {
 	}
 }
 
-// release gives back a reference lookup took.
+// release gives back a reference (a handle's, at its Close).
 func (oc *openChunk) release() {
 	oc.c.mu.Lock()
 	defer oc.c.mu.Unlock()

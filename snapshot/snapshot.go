@@ -337,40 +337,6 @@ func (s *Snapshot) decodeFrame(g int, loc *frameLoc, comp, dst []byte) error {
 	return nil
 }
 
-// loadNoWait reads frame g into dst like readFrame, but only where its stored bytes are in the
-// page cache and its chunk file is open already: it reports false, having waited for nothing,
-// where it would have to read the disk (or open a file), and for any failure — left to the
-// read that follows to meet and report (with its retry).
-func (s *Snapshot) loadNoWait(g int, dst []byte) bool {
-	d, ok := s.files.(*dirFiles)
-	if !ok {
-		return false
-	}
-	m := s.m
-	per := int(m.ChunkSize / m.FrameSize)
-	ci := g / per
-	locs := s.frames[ci]
-	if locs == nil {
-		return false
-	}
-	loc := &locs[g-ci*per]
-	if !d.keep {
-		return false
-	}
-	f := d.open.lookup(m.chunkFileName(m.Chunks[ci]))
-	if f == nil {
-		return false
-	}
-	defer f.release()
-	bp := s.compBuf(loc)
-	defer s.comp.Put(bp)
-	comp := (*bp)[:loc.stored]
-	if !f.readNoWait(comp, loc.off) {
-		return false
-	}
-	return s.decodeFrame(g, loc, comp, dst) == nil
-}
-
 // checkHeader checks that chunk i's file has the size and the frame table the manifest says.
 func (s *Snapshot) checkHeader(ctx context.Context, i int) error {
 	c := s.m.Chunks[i]

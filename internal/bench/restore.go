@@ -112,17 +112,17 @@ type RestoreReport struct {
 	// NewRuns are trace B's runs with no page in A: no recording of A can prefetch them, so
 	// each is a fault its vCPU waits for. Threads and CPUs are the vCPU threads and this
 	// machine's CPUs.
-	NewRuns int `json:"new_runs"`
-	Threads int `json:"threads"`
-	CPUs    int `json:"cpus"`
-	Record        RestoreResult   `json:"record"` // run 1: trace A with --record
-	WorkingSet    int             `json:"working_set_pages"`
-	WSStored      int64           `json:"working_set_bytes"` // its compressed extent
-	Image         int64           `json:"image_bytes"`
-	Packed        int64           `json:"packed_bytes"`
-	Results       []RestoreResult `json:"results"` // every rep
-	Medians       []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
-	Remote        []RemoteResult  `json:"remote,omitempty"`
+	NewRuns    int             `json:"new_runs"`
+	Threads    int             `json:"threads"`
+	CPUs       int             `json:"cpus"`
+	Record     RestoreResult   `json:"record"` // run 1: trace A with --record
+	WorkingSet int             `json:"working_set_pages"`
+	WSStored   int64           `json:"working_set_bytes"` // its compressed extent
+	Image      int64           `json:"image_bytes"`
+	Packed     int64           `json:"packed_bytes"`
+	Results    []RestoreResult `json:"results"` // every rep
+	Medians    []RestoreResult `json:"medians"` // per case, the rep of median Restore (the lower one of an even count)
+	Remote     []RemoteResult  `json:"remote,omitempty"`
 }
 
 // Restore cases, in the order they run within a rep.
