@@ -285,6 +285,27 @@ func TestRecordThenPrefetch(t *testing.T) {
 	if st := f.get("pre").Stats; st.Pages != size/4096 {
 		t.Fatalf("stats after the whole memory: %+v", st)
 	}
+
+	// The bindings of one snapshot share it, and the working set it holds decoded since the
+	// first prefetch: a VM of another binding is prefetched with the extent gone from the disk.
+	man, err := snapshot.ReadManifest(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, man.WorkingSet.Extent)); err != nil {
+		t.Fatal(err)
+	}
+	vm2 := f.create("pre2", client.Spec{Snapshot: dir, Socket: f.sock("pre2")})
+	m3, err := vmm.Start(vmm.Options{Socket: vm2.Socket, Regions: []vmm.Region{{Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m3.Kill()
+	waitUntil(t, "the working set prefetched from memory", func() bool { return f.get("pre2").Stats.Prefetched >= 1024 })
+	touchAll(t, m3, size, 0x5e)
+	if strings.Contains(f.logs.String(), "working set unreadable") {
+		t.Fatalf("a binding read the working set's extent again: %s", f.logs.String())
+	}
 }
 
 // Every error of the API, with its status and a message that says what is wrong.
