@@ -19,6 +19,7 @@ import (
 	"github.com/faultline-go/faultline/engine"
 	"github.com/faultline-go/faultline/fleet"
 	"github.com/faultline-go/faultline/fleet/client"
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
@@ -110,16 +111,8 @@ func (f *fixture) get(id string) *client.VM {
 	return vm
 }
 
-func waitUntil(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// waitUntil polls real state (counters, logs, files) for up to 10 s.
+var waitUntil = kerneltest.WaitUntil
 
 func touchAll(t *testing.T, m *vmm.VMM, size int, seed uint64) {
 	t.Helper()

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/faultline-go/faultline/internal/kerneltest"
 	"github.com/faultline-go/faultline/internal/puppet"
 	"github.com/faultline-go/faultline/internal/syncbuf"
 	"github.com/faultline-go/faultline/internal/vmm"
@@ -41,16 +42,8 @@ func vmTouched(t *testing.T, sock string) *vmm.VMM {
 	return m
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// waitFor polls real state (counters, logs, files) for up to 10 s.
+var waitFor = kerneltest.WaitUntil
 
 func scrape(t *testing.T, addr string) string {
 	t.Helper()

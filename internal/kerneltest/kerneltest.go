@@ -1,7 +1,8 @@
 //go:build linux
 
 // Package kerneltest holds what every kernel-facing test of the project shares: the rule that a
-// test that cannot run here fails in CI instead of skipping, and huge page reservation.
+// test that cannot run here fails in CI instead of skipping, huge page reservation, and waiting
+// for a state to come (WaitUntil).
 package kerneltest
 
 import (
