@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/faultline-go/faultline/internal/atomicfile"
 )
 
 // DefaultChunkSize is the chunk size Pack uses when PackOptions leaves it 0. BENCHMARKS.md
@@ -601,17 +603,7 @@ func (w *packer) writeChunk(name string, data []byte) error {
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp)
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(0o444)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err := atomicfile.Finish(f, data, 0o444); err != nil {
 		return err
 	}
 	return os.Link(tmp, filepath.Join(w.chunkDir, name))

@@ -13,6 +13,8 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/faultline-go/faultline/internal/atomicfile"
 )
 
 // orderWindow is how many pages of a recorded order WriteWorkingSet sorts by address together:
@@ -118,14 +120,11 @@ func WriteWorkingSet(dir string, pages []uint64) error {
 			return err
 		}
 	}
-	err = bw.Flush()
-	if err == nil {
-		err = f.Sync()
+	if err := bw.Flush(); err != nil {
+		f.Close()
+		return err
 	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err := atomicfile.SyncClose(f); err != nil {
 		return err
 	}
 	ws.Extent = "workingset-" + hex.EncodeToString(hash.Sum(nil)) + ".fws"

@@ -12,16 +12,7 @@ import (
 // the temporary file is removed.
 func Commit(f *os.File, path string, data []byte, perm os.FileMode, dirSync bool) error {
 	tmp := f.Name()
-	_, err := f.Write(data)
-	if err == nil {
-		err = f.Chmod(perm)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
+	err := Finish(f, data, perm)
 	if err == nil {
 		err = os.Rename(tmp, path)
 	}
@@ -35,15 +26,36 @@ func Commit(f *os.File, path string, data []byte, perm os.FileMode, dirSync bool
 	return nil
 }
 
+// Finish writes data to f, sets its mode to perm, fsyncs and closes it, returning the first
+// error: a temporary file made whole before it is renamed or linked into place.
+func Finish(f *os.File, data []byte, perm os.FileMode) error {
+	_, err := f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// SyncClose fsyncs and closes f, returning the first error.
+func SyncClose(f *os.File) error {
+	err := f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
 // SyncDir makes the directory entries of dir (renames into it) durable.
 func SyncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return SyncClose(d)
 }
