@@ -7,12 +7,11 @@ import (
 	"sync"
 )
 
-// cache holds decompressed frames (by frame index), at most limit bytes of them not in use,
-// evicting the least recently used. A frame missing from it is loaded by the first reader that
+// cache holds decompressed frames (by frame index), at most bound less reserved bytes of them
+// not in use, evicting the least recently used. A frame missing from it is loaded by the first reader that
 // wants it; readers that come while it loads wait for that one load (single flight).
 type cache struct {
 	mu    sync.Mutex
-	limit int64 // bound less reserved
 	bound int64 // Options.CacheSize, or SetCacheSize's
 	// reserved is the bytes of the bound given to the decoded working set the snapshot holds.
 	reserved int64
@@ -43,7 +42,7 @@ const maxFree = 4
 var errClosed = errors.New("snapshot: closed")
 
 func (c *cache) init(limit, unit int64) {
-	c.limit, c.bound, c.unit = limit, limit, unit
+	c.bound, c.unit = limit, unit
 	c.m = make(map[int]*centry)
 	c.lru.prev, c.lru.next = &c.lru, &c.lru
 }
@@ -133,7 +132,7 @@ func (c *cache) release(e *centry) {
 
 // evict drops least recently used entries nobody holds until used is within the limit.
 func (c *cache) evict() {
-	for e := c.lru.prev; e != &c.lru && c.used > c.limit; {
+	for e := c.lru.prev; e != &c.lru && c.used > c.bound-c.reserved; {
 		prev := e.prev
 		if e.refs == 0 {
 			c.unlink(e)
@@ -178,7 +177,7 @@ func (c *cache) peek(idx int) ([]byte, bool) {
 func (c *cache) limitNow() int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.limit
+	return c.bound - c.reserved
 }
 
 // boundNow is the cache's bound.
@@ -198,7 +197,6 @@ func (c *cache) reserve(n int64) bool {
 		return false
 	}
 	c.reserved += n
-	c.limit = c.bound - c.reserved
 	c.evict()
 	return true
 }
@@ -213,7 +211,6 @@ func (c *cache) setBound(n int64) (keep bool) {
 	if !keep {
 		c.reserved = 0
 	}
-	c.limit = n - c.reserved
 	c.evict()
 	return keep
 }

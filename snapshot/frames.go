@@ -148,6 +148,19 @@ func (m *Manifest) chunkFileName(c ChunkEntry) string {
 	return c.Hash + "-" + m.layoutID() + ".chunk"
 }
 
+// chunkFileNames is every chunk's file name, "" for an all-zero chunk: ChunkFileName for each,
+// the layout hashed once.
+func (m *Manifest) chunkFileNames() []string {
+	layout := m.layoutID()
+	names := make([]string, len(m.Chunks))
+	for i, c := range m.Chunks {
+		if c.Enc != EncZero {
+			names[i] = c.Hash + "-" + layout + ".chunk"
+		}
+	}
+	return names
+}
+
 // layoutID is the first 16 hex digits of the SHA-256 of "faultline-frames", the frame size and
 // the page size (decimal, each after a "/"), and "/" and the dictionary's hash if there is one.
 func (m *Manifest) layoutID() string {

@@ -37,6 +37,7 @@ type Snapshot struct {
 	files  Files
 	m      *Manifest
 	frames [][]frameLoc  // per chunk, per frame (nil for an all-zero chunk)
+	names  []string      // per chunk, its file name (Manifest.chunkFileNames; "" if all zero)
 	dec    *zstd.Decoder // the chunks' frames (with the dictionary)
 	wsDec  *zstd.Decoder // the working set's frames: written without one, and a decoder with a
 	// dictionary is some 40% slower on them
@@ -101,12 +102,12 @@ func openFiles(ctx context.Context, name string, f Files, o Options, check bool)
 	if o.CacheSize <= 0 {
 		o.CacheSize = DefaultCacheSize
 	}
-	s := &Snapshot{dir: name, files: f, m: m}
+	s := &Snapshot{dir: name, files: f, m: m, names: m.chunkFileNames()}
 	if check {
 		if c, ok := f.(Checker); ok {
 			seen := make(map[string]bool)
 			for i, e := range m.Chunks {
-				name := m.chunkFileName(e)
+				name := s.names[i]
 				if e.Enc == EncZero || seen[name] {
 					continue
 				}
@@ -275,7 +276,7 @@ func (s *Snapshot) readFrame(ctx context.Context, g int, dst []byte) error {
 	}
 	loc := &locs[g-ci*per]
 	c := m.Chunks[ci]
-	name := m.chunkFileName(c)
+	name := s.names[ci]
 	err := s.readFrameOnce(ctx, g, loc, c, name, dst)
 	if errors.Is(err, ErrCorrupt) {
 		s.files.Corrupt(name)
@@ -343,7 +344,7 @@ func (s *Snapshot) checkHeader(ctx context.Context, i int) error {
 	if c.Enc == EncZero {
 		return nil
 	}
-	f, err := s.files.Chunk(ctx, s.m.chunkFileName(c), c.Stored)
+	f, err := s.files.Chunk(ctx, s.names[i], c.Stored)
 	if err != nil {
 		return s.chunkError(i, ioError(err))
 	}
