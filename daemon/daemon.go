@@ -32,6 +32,7 @@ type Daemon struct {
 	warnedPidfd atomic.Bool
 
 	state       *stateDir   // Config.StateDir, locked; nil without one
+	srcID       string      // with a state directory: sourceIdentity, named once at start
 	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
 	handoffLn   *net.UnixListener
 	handoffID   fileID         // the hand-off socket we bound: removed on stop only while the path names it
@@ -128,19 +129,18 @@ func (d *Daemon) start() error {
 		}
 		return d.listen()
 	}
-	if _, err := d.sourceIdentity(); err != nil {
+	// Named once: what the state files and a hand-off compare is the source this daemon opened,
+	// whatever the path holds later.
+	id, err := d.sourceIdentity()
+	if err != nil {
 		return err
 	}
+	d.srcID = id
 	gen := time.Now().UnixNano()
 	var hs *handoffSet
 	var st *stateDir
-	var err error
 	if d.cfg.Takeover {
-		src, serr := d.sourceIdentity()
-		if serr != nil {
-			return serr
-		}
-		if hs, err = takeover(dir, src); err != nil {
+		if hs, err = takeover(dir, d.srcID); err != nil {
 			// No live daemon to take over from (none ran, or it died during the hand-off): with
 			// the directory's lock free, its VMs are recovered as after a crash.
 			var lerr error

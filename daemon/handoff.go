@@ -183,7 +183,7 @@ func (d *Daemon) acceptHandoffs(ln *net.UnixListener) {
 			c.Close()
 			continue
 		}
-		if src, err := d.sourceIdentity(); err != nil || src != m.Source {
+		if src := d.srcID; src != m.Source {
 			// Refused before anything stops: its VMs would be killed for it.
 			d.log.Warn("hand-off refused: the successor serves other bytes", "successor", m.Source, "ours", src)
 			sendHandoff(c, handoffMsg{Op: "abort", Err: fmt.Sprintf("the successor serves %s, this daemon %s: take over with the same snapshot", m.Source, src)})

@@ -34,10 +34,7 @@ func (v *vm) createState(h *firecracker.Handshake, fd *uffd.FD, regions []engine
 	if err != nil {
 		return nil, fmt.Errorf("daemon: the VMM's start time: %w", err)
 	}
-	src, err := v.d.sourceIdentity()
-	if err != nil {
-		return nil, err
-	}
+	src := v.d.srcID
 	meta := stateMeta{VM: v.id, Handshake: len(v.states), Pid: v.pid, StartTime: st, UID: v.uid,
 		UFFD: vmmUffdNumber(v.pid, fd.Fd()), Version: int(h.Version), Source: src}
 	if meta.UFFD < 0 {
@@ -92,7 +89,7 @@ func (d *Daemon) recoverVMs(handed *handoffSet) error {
 	}
 	// A VM still running that was served from other bytes: refuse to start rather than kill
 	// it for a daemon started with the wrong snapshot.
-	if want, err := d.sourceIdentity(); err == nil {
+	if want := d.srcID; want != "" {
 		for _, sf := range files {
 			if st, err := procStartTime(sf.meta.Pid); err == nil && st == sf.meta.StartTime && sf.meta.Source != want {
 				for _, f := range files {
@@ -188,10 +185,7 @@ func (d *Daemon) recoverVM(files []*stateFile, handed *handoffSet) {
 // resumeEngines starts an engine for each state file of v, on the VMM's uffd: handed over, or
 // taken from the VMM with pidfd_getfd(2) (root, or CAP_SYS_PTRACE over it).
 func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
-	want, err := d.sourceIdentity()
-	if err != nil {
-		return err
-	}
+	want := d.srcID
 	for i, sf := range files {
 		m := sf.meta
 		if m.Source != want {
@@ -212,6 +206,7 @@ func (d *Daemon) resumeEngines(v *vm, files []*stateFile, hv *handedVM) error {
 			if m.UFFD < 0 {
 				return errors.New("daemon: the VMM holds no copy of its userfaultfd to recover")
 			}
+			var err error
 			if n, err = unix.PidfdGetfd(v.pidfd, m.UFFD, 0); err != nil {
 				return fmt.Errorf("daemon: pidfd_getfd of the VMM's uffd %d (needs root or CAP_SYS_PTRACE): %w", m.UFFD, err)
 			}
