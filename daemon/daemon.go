@@ -31,11 +31,10 @@ type Daemon struct {
 
 	warnedPidfd atomic.Bool
 
-	state       *stateDir   // Config.StateDir, locked; nil without one
-	srcID       string      // with a state directory: sourceIdentity, named once at start
-	handingOver atomic.Bool // VMs are going to a successor (--takeover): they end without a failure
-	handoffLn   *net.UnixListener
-	handoffID   fileID         // the hand-off socket we bound: removed on stop only while the path names it
+	state       *stateDir      // Config.StateDir, locked; nil without one
+	srcID       string         // with a state directory: sourceIdentity, named once at start
+	handingOver atomic.Bool    // VMs are going to a successor (--takeover): they end without a failure
+	handoffLn   *Listener      // the hand-off socket: removed on stop only while the path names it
 	handoffs    sync.WaitGroup // a hand-off in progress: Serve returns after it
 	accepting   sync.WaitGroup // accepted connections not yet among d.vms
 	acceptDone  chan struct{}  // closed when Serve's accept loop has ended

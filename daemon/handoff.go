@@ -126,40 +126,22 @@ func closeFDs(fds []int) {
 // listenHandoff binds the hand-off socket, under a temporary name renamed into place (over a
 // predecessor's, during a takeover), 0600.
 func (d *Daemon) listenHandoff() error {
-	path := filepath.Join(d.state.dir, handoffName)
-	tmp := filepath.Join(d.state.dir, fmt.Sprintf(".%s.%d.tmp", handoffName, os.Getpid()))
-	os.Remove(tmp)
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: tmp, Net: "unixpacket"})
+	ln, err := bind("unixpacket", filepath.Join(d.state.dir, handoffName), 0)
 	if err != nil {
 		return fmt.Errorf("daemon: hand-off socket: %w", err)
 	}
-	ln.SetUnlinkOnClose(false)
-	id, err := statID(tmp)
-	if err == nil {
-		err = os.Chmod(tmp, 0o600)
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		ln.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("daemon: hand-off socket: %w", err)
-	}
-	d.handoffLn, d.handoffID = ln, id
-	go d.acceptHandoffs(ln)
+	d.handoffLn = ln
+	go d.acceptHandoffs(ln.UnixListener)
 	return nil
 }
 
+// closeHandoff closes the hand-off socket and removes its path while it still names ours.
 func (d *Daemon) closeHandoff() {
 	if d.handoffLn == nil {
 		return
 	}
 	d.handoffLn.Close()
-	path := filepath.Join(d.state.dir, handoffName)
-	if id, err := statID(path); err == nil && id == d.handoffID {
-		os.Remove(path)
-	}
+	d.handoffLn.Remove()
 }
 
 // acceptHandoffs serves successors on ln until it closes; the first hand-off that goes through

@@ -60,6 +60,13 @@ func listen(network, path string, group int) (*Listener, error) {
 			return nil, fmt.Errorf("daemon: %s: cannot tell whether it is stale: %w", path, err)
 		}
 	}
+	return bind(network, path, group)
+}
+
+// bind binds a socket under a temporary name and renames it to path (over whatever path names:
+// listen checked that it is stale; a successor's hand-off socket replaces its predecessor's),
+// holding the path's lock for the rename, as Remove does for its check and unlink.
+func bind(network, path string, group int) (*Listener, error) {
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
 	os.Remove(tmp)
 	ln, err := net.ListenUnix(network, &net.UnixAddr{Name: tmp, Net: network})
