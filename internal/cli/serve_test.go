@@ -228,7 +228,10 @@ func TestDemo(t *testing.T) {
 			t.Fatalf("demo output lacks %q:\n%s", want, s)
 		}
 	}
-	// The prefetched restore takes far fewer faults than the recording one.
+	// The table adds up, and the prefetched restore takes fewer faults than the recording one.
+	// How many fewer depends on how far the prefetch is ahead of the vCPUs, which start at
+	// once, as Firecracker's do — on a loaded machine it fell to 1/8; the ≥ 90% cut on the
+	// same workload is daemon's TestRecordThenPrefetchVM, which waits for the prefetch first.
 	var recPages, recFaults, prePages, preFaults, prefetched int
 	for _, l := range strings.Split(s, "\n") {
 		if strings.HasPrefix(l, "restore with --record") {
@@ -238,9 +241,9 @@ func TestDemo(t *testing.T) {
 			fmt.Sscanf(l[46:], "%d %d %d", &prePages, &preFaults, &prefetched)
 		}
 	}
-	if recFaults == 0 || prefetched == 0 || preFaults > recFaults/10 || prePages != recPages {
-		t.Fatalf("record: %d pages, %d faults; prefetch: %d pages, %d faults, %d prefetched; want a tenth of the faults:\n%s",
-			recPages, recFaults, prePages, preFaults, prefetched, s)
+	if recFaults < recPages || prefetched == 0 || preFaults >= recFaults || prePages != recPages || prefetched+preFaults < prePages {
+		t.Fatalf("record: %d pages, %d faults; prefetch: %d pages, %d faults, %d prefetched; want one fault per page recording, "+
+			"and with prefetch fewer faults, every page prefetched or faulted:\n%s", recPages, recFaults, prePages, preFaults, prefetched, s)
 	}
 	if strings.Contains(s, "wrong\n") && regexp.MustCompile(`[1-9]\d* wrong`).MatchString(s) {
 		t.Fatalf("demo reports wrong pages:\n%s", s)
