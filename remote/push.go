@@ -52,12 +52,9 @@ func Push(ctx context.Context, dir string, c *Client, o PushOptions) (*PushStats
 	}
 	defer s.Close()
 	m := s.Manifest()
-	// The bytes as they are on disk: the manifest's checksum is over its fields, so the
-	// bucket's copy is the same file, however it is formatted.
-	manifest, err := os.ReadFile(filepath.Join(dir, snapshot.ManifestName))
-	if err != nil {
-		return nil, err
-	}
+	// The bytes the snapshot was opened from and its chunks checked against (not read again:
+	// a pack finishing meanwhile would make it another snapshot's manifest).
+	manifest := s.ManifestBytes()
 	st := &PushStats{}
 	if st.BucketCreated, err = c.EnsureBucket(ctx); err != nil {
 		return nil, err

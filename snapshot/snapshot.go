@@ -38,6 +38,7 @@ type Snapshot struct {
 	m      *Manifest
 	frames [][]frameLoc  // per chunk, per frame (nil for an all-zero chunk)
 	names  []string      // per chunk, its file name (Manifest.chunkFileNames; "" if all zero)
+	raw    []byte        // manifest.json as read
 	dec    *zstd.Decoder // the chunks' frames (with the dictionary)
 	wsDec  *zstd.Decoder // the working set's frames: written without one, and a decoder with a
 	// dictionary is some 40% slower on them
@@ -102,7 +103,7 @@ func openFiles(ctx context.Context, name string, f Files, o Options, check bool)
 	if o.CacheSize <= 0 {
 		o.CacheSize = DefaultCacheSize
 	}
-	s := &Snapshot{dir: name, files: f, m: m, names: m.chunkFileNames()}
+	s := &Snapshot{dir: name, files: f, m: m, raw: b, names: m.chunkFileNames()}
 	if check {
 		if c, ok := f.(Checker); ok {
 			seen := make(map[string]bool)
@@ -205,6 +206,10 @@ func (s *Snapshot) Dir() string { return s.dir }
 
 // Manifest returns the snapshot's manifest. The caller must not change it.
 func (s *Snapshot) Manifest() *Manifest { return s.m }
+
+// ManifestBytes is manifest.json as it was read when the snapshot opened (the bytes Manifest
+// decodes): what a copy of this snapshot elsewhere must hold. The caller must not change it.
+func (s *Snapshot) ManifestBytes() []byte { return s.raw }
 
 // Size is the image's length in bytes.
 func (s *Snapshot) Size() int64 { return s.m.Size }
